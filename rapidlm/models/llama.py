@@ -1,0 +1,131 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) as one pure torch module.
+
+No file I/O, no quantization, no sampling: weights arrive through `load_state_dict`, the KV cache is passed in
+by the caller (rapidlm.runtime), and forward returns logits.
+
+Weight layout differs from Hugging Face in one way that pays on the CPU: q/k/v are one `wqkv` linear and
+gate/up are one `w_gate_up` linear, so a decode step makes 4 matmul calls per layer instead of 7.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rapidlm.config import ModelConfig
+from rapidlm.models.layers import RMSNorm, apply_rope, rope_tables
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, n_kv, S_max, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.wo = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos: torch.Tensor,  # (B, 1, T, hd)
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        write_at: tuple[torch.Tensor, torch.Tensor],  # batch index (B, T), position (B, T)
+        mask: torch.Tensor,  # (B, 1, T, L) bool, True = may attend
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        # Write this step's keys/values into the static cache at each sequence's own positions, then attend
+        # over the first L cache slots; the mask hides slots a sequence has not reached (or has left behind,
+        # with a sliding window).
+        k_cache, v_cache = cache
+        b_idx, pos = write_at
+        k_cache[b_idx, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, nkv, hd)
+        v_cache[b_idx, :, pos] = v.transpose(1, 2)
+        L = mask.shape[-1]
+        y = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask, enable_gqa=self.n_heads != self.n_kv
+        )  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.intermediate_size
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.hidden, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, write_at, mask) -> torch.Tensor:  # noqa: ANN001
+        h = x + self.attn(self.attn_norm(x), cos, sin, cache, write_at, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `max_seq_len` bounds positions (sizes the RoPE tables), not the config's context."""
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_rope()
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE tables, e.g. after building on the meta device and loading real weights."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.max_seq_len)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (S_max, hd) fp32
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64
+        positions: torch.Tensor,  # (B, T) int64, each sequence's own positions
+        caches: KVCaches,
+        kv_len: int,  # attend over cache slots [0, kv_len); must exceed every position
+        last_only: bool = False,  # return logits of the last position only: prefill needs no more
+    ) -> torch.Tensor:  # (B, T or 1, vocab) logits
+        B, T = tokens.shape
+        x = self.embed(tokens)  # (B, T, C)
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (B, 1, T, hd)
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        slots = torch.arange(kv_len, device=tokens.device)
+        allowed = slots[None, None, :] <= positions[:, :, None]  # (B, T, L) causal, per sequence
+        if self.cfg.sliding_window is not None:
+            allowed &= slots[None, None, :] > positions[:, :, None] - self.cfg.sliding_window
+        mask = allowed.unsqueeze(1)  # (B, 1, T, L)
+        b_idx = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
+        write_at = (b_idx, positions)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, cache, write_at, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

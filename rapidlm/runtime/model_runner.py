@@ -1,0 +1,44 @@
+"""One forward pass at a time: prefill a prompt into a cache row, or decode one token for every live row."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rapidlm.config import ModelConfig
+from rapidlm.runtime.kv_cache import StaticKVCache
+
+
+class ModelRunner:
+    """Owns the model on its device and dtype; hands out KV caches and runs prefill/decode steps.
+
+    Logits come back in fp32 whatever the model dtype, so sampling behaves the same for every dtype.
+    """
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    def allocate(self, batch_size: int, max_len: int) -> StaticKVCache:
+        return StaticKVCache(self.cfg, batch_size, max_len, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def prefill(self, cache: StaticKVCache, row: int, token_ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run `token_ids` (at positions start, start+1, ...) into cache row `row`; last logits (vocab,)."""
+        T = len(token_ids)
+        tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # (1, T)
+        positions = torch.arange(start, start + T, device=self.device)[None, :]  # (1, T)
+        logits = self.model(tokens, positions, cache.layers(slice(row, row + 1)), start + T, last_only=True)
+        return logits[0, -1].float()
+
+    @torch.inference_mode()
+    def decode(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One token per live row: tokens and positions (B,), kv_len > max(positions). Logits (B, vocab)."""
+        logits = self.model(tokens[:, None], positions[:, None], cache.layers(), kv_len)
+        return logits[:, 0].float()
