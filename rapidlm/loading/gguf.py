@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rapidlm.compress.kernels.int4_cpu import Int4Weight
 from rapidlm.config import ModelConfig, RopeScaling
 from rapidlm.errors import ModelFormatError, UnsupportedArchitectureError
 
@@ -173,19 +174,61 @@ def dequantize(t: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
 
 
-def gguf_tensors(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, fp32 tensor) for every tensor the model uses, Q/K rows un-permuted where needed."""
+# Bytes per 32-weight block of the 4-bit formats we can keep packed: fp16 scale (+ fp16 min), 16 code bytes.
+_Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+
+
+def q4_blocks(t: Any) -> Int4Weight:
+    """A Q4_0 / Q4_1 tensor as 4-bit codes and per-32 scale/offset, without dequantizing.
+
+    Block layout (ggml): fp16 d, [fp16 m,] 16 bytes whose low nibbles are elements 0-15 and high nibbles
+    elements 16-31. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m.
+    """
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(t.tensor_type).name
+    n, k = (int(d) for d in reversed(t.shape))
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(n, k // 32, _Q4_BLOCK_BYTES[kind])
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+    if kind == "Q4_1":
+        offset = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = raw[..., 4:]
+    else:
+        offset = -8.0 * d
+        qs = raw[..., 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)  # (N, K) in 0..15
+    return Int4Weight(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(offset), 32)
+
+
+def gguf_tensors(
+    g: GGUFFile, cfg: ModelConfig, keep_int4: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    """Yield (HF name, tensor) for every tensor the model uses, Q/K rows un-permuted where needed.
+
+    Tensors come back as fp32, except Q4_0/Q4_1 projection weights when `keep_int4`: those stay 4-bit
+    (Int4Weight) so the model can run them as stored.
+    """
+    import gguf
+
     _, permuted = GGUF_ARCHITECTURES[g.require("general.architecture")]
     for t in g.reader.tensors:
         name = hf_name(t.name)
         if name is None:
             continue
-        w = dequantize(t)
+        kind = gguf.GGMLQuantizationType(t.tensor_type).name
+        if keep_int4 and kind in _Q4_BLOCK_BYTES and name.endswith("_proj.weight"):
+            w: torch.Tensor | Int4Weight = q4_blocks(t)
+        else:
+            w = dequantize(t)
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_qk(w, cfg.num_heads)
+            w = _rows(w, lambda x: unpermute_qk(x, cfg.num_heads))
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_qk(w, cfg.num_kv_heads)
+            w = _rows(w, lambda x: unpermute_qk(x, cfg.num_kv_heads))
         yield name, w
+
+
+def _rows(w: torch.Tensor | Int4Weight, fn) -> torch.Tensor | Int4Weight:  # noqa: ANN001
+    return w.map_rows(fn) if isinstance(w, Int4Weight) else fn(w)
 
 
 def tensor_type_counts(g: GGUFFile) -> dict[str, int]:

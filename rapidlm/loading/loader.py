@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rapidlm.compress.kernels.int4_cpu import int4_kernel_available
 from rapidlm.config import ModelConfig
 from rapidlm.errors import ModelFormatError, ModelNotFoundError
 from rapidlm.loading import gguf as gguf_io
@@ -77,10 +78,17 @@ def load_model(
     device: torch.device | str = "cpu",
     max_seq_len: int | None = None,
     with_tokenizer: bool = True,
+    keep_int4: bool | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint into rapidlm's model code (never `transformers`' modelling code)."""
+    """Load a checkpoint into rapidlm's model code (never `transformers`' modelling code).
+
+    keep_int4: run a GGUF file's Q4_0/Q4_1 projections as stored, 4-bit, with the int4 CPU kernel.
+    None (default) does so where that kernel applies: CPU with bf16 activations. False dequantizes them.
+    """
     path = resolve_model(model)
     device = torch.device(device)
+    if keep_int4 is None:
+        keep_int4 = device.type == "cpu" and dtype == torch.bfloat16 and int4_kernel_available()
     if path.is_dir():
         raw = hf_io.read_hf_config(path)
         cfg = hf_io.hf_config(raw)
@@ -98,5 +106,5 @@ def load_model(
     g = gguf_io.open_gguf(path)
     cfg = gguf_io.gguf_config(g)
     tok = Tokenizer.from_gguf_metadata(g.metadata, str(path)) if with_tokenizer else None
-    net = build_model(cfg, gguf_io.gguf_tensors(g, cfg), dtype, device, max_seq_len)
+    net = build_model(cfg, gguf_io.gguf_tensors(g, cfg, keep_int4), dtype, device, max_seq_len)
     return LoadedModel(cfg, net, tok, path, "gguf", gguf_io.tensor_type_counts(g))

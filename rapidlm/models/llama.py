@@ -23,39 +23,41 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.q_size = cfg.q_size
         self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        cos: torch.Tensor,  # (B, 1, T, hd)
+        cos: torch.Tensor,  # (B, T, 1, hd)
         sin: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
+        cache: tuple[torch.Tensor, torch.Tensor],  # k, v: (B, nkv, S_max, hd)
         write_at: tuple[torch.Tensor, torch.Tensor],  # batch index (B, T), position (B, T)
-        mask: torch.Tensor,  # (B, 1, T, L) bool, True = may attend
+        mask: torch.Tensor | None,  # (B, 1, T, L) bool, True = may attend; None = attend to all L slots
+        kv_len: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        nh, nkv = self.n_heads, self.n_kv
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, heads of q|k|v, hd)
+        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)  # q and k rotated in one pass
+        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv :]
 
         # Write this step's keys/values into the static cache at each sequence's own positions, then attend
-        # over the first L cache slots; the mask hides slots a sequence has not reached (or has left behind,
-        # with a sliding window).
+        # over the first kv_len slots. The cache may hold a wider dtype than the activations (fp32 on CPU,
+        # where bf16 attention kernels are slow); attention then runs in the cache's dtype.
         k_cache, v_cache = cache
         b_idx, pos = write_at
-        k_cache[b_idx, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, nkv, hd)
-        v_cache[b_idx, :, pos] = v.transpose(1, 2)
-        L = mask.shape[-1]
+        k_cache[b_idx, :, pos] = k.to(k_cache.dtype)  # indexed view is (B, T, nkv, hd)
+        v_cache[b_idx, :, pos] = v.to(v_cache.dtype)
         y = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask, enable_gqa=self.n_heads != self.n_kv
+            q.transpose(1, 2).to(k_cache.dtype),  # (B, nh, T, hd)
+            k_cache[:, :, :kv_len],
+            v_cache[:, :, :kv_len],
+            attn_mask=mask,
+            enable_gqa=nh != nkv,
         )  # (B, nh, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -78,8 +80,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, write_at, mask) -> torch.Tensor:  # noqa: ANN001
-        h = x + self.attn(self.attn_norm(x), cos, sin, cache, write_at, mask)
+    def forward(self, x, cos, sin, cache, write_at, mask, kv_len) -> torch.Tensor:  # noqa: ANN001
+        h = x + self.attn(self.attn_norm(x), cos, sin, cache, write_at, mask, kv_len)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -115,17 +117,21 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:  # (B, T or 1, vocab) logits
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (B, 1, T, hd)
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
-        slots = torch.arange(kv_len, device=tokens.device)
-        allowed = slots[None, None, :] <= positions[:, :, None]  # (B, T, L) causal, per sequence
-        if self.cfg.sliding_window is not None:
-            allowed &= slots[None, None, :] > positions[:, :, None] - self.cfg.sliding_window
-        mask = allowed.unsqueeze(1)  # (B, 1, T, L)
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(2)  # (B, T, 1, hd)
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(2)
+        mask = None
+        if T > 1 or B > 1 or self.cfg.sliding_window is not None:
+            # One token of one sequence at position kv_len-1 may see every slot: no mask needed. Otherwise
+            # each query sees the slots up to its own position (and within the window, if any).
+            slots = torch.arange(kv_len, device=tokens.device)
+            allowed = slots[None, None, :] <= positions[:, :, None]  # (B, T, L)
+            if self.cfg.sliding_window is not None:
+                allowed &= slots[None, None, :] > positions[:, :, None] - self.cfg.sliding_window
+            mask = allowed.unsqueeze(1)  # (B, 1, T, L)
         b_idx = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
         write_at = (b_idx, positions)
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, cos, sin, cache, write_at, mask)
+            x = layer(x, cos, sin, cache, write_at, mask, kv_len)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rapidlm.config import ModelConfig
+from rapidlm.runtime.cpu_linear import mkldnn_bf16_available, pack_linears
 from rapidlm.runtime.kv_cache import StaticKVCache
 
 
@@ -20,13 +21,18 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
+        # On the CPU, attention and the cache run in fp32 even for bf16 weights: PyTorch's bf16 attention
+        # kernels are ~3x slower at decode sizes, and fp32 keys/values hold the bf16 values exactly.
+        self.kv_dtype = torch.float32 if device.type == "cpu" else dtype
+        if device.type == "cpu" and dtype == torch.bfloat16 and mkldnn_bf16_available():
+            pack_linears(model)
 
     @property
     def max_seq_len(self) -> int:
         return self.model.max_seq_len
 
     def allocate(self, batch_size: int, max_len: int) -> StaticKVCache:
-        return StaticKVCache(self.cfg, batch_size, max_len, self.dtype, self.device)
+        return StaticKVCache(self.cfg, batch_size, max_len, self.kv_dtype, self.device)
 
     @torch.inference_mode()
     def prefill(self, cache: StaticKVCache, row: int, token_ids: list[int], start: int = 0) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Compression: quantized weight formats and the kernels that run them."""
