@@ -30,7 +30,7 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
 }
 
 # The quantization types we dequantize (by GGMLQuantizationType name). Others raise a clear error.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF tensor name (after `blk.N.`) -> HF name (after `model.layers.N.`).
 _LAYER_NAMES = {
@@ -230,13 +230,3 @@ def gguf_tensors(
 def _rows(w: torch.Tensor | Int4Weight, fn) -> torch.Tensor | Int4Weight:  # noqa: ANN001
     return w.map_rows(fn) if isinstance(w, Int4Weight) else fn(w)
 
-
-def tensor_type_counts(g: GGUFFile) -> dict[str, int]:
-    """Storage type in the file -> number of parameters stored that way (for `rapidlm info`)."""
-    import gguf
-
-    counts: dict[str, int] = {}
-    for t in g.reader.tensors:
-        key = gguf.GGMLQuantizationType(t.tensor_type).name
-        counts[key] = counts.get(key, 0) + int(t.n_elements)
-    return counts

