@@ -129,3 +129,17 @@ def write_gguf_from_hf(model: torch.nn.Module, path: Path, qtypes: dict[str, str
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_gguf(path: Path, arch: str = "llama", tensors: list[tuple[str, np.ndarray, Any]] = ()) -> Path:
+    """A GGUF with just an architecture and the given (name, data, raw_dtype or None) tensors."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for name, data, raw_dtype in tensors:
+        w.add_tensor(name, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -16,7 +16,7 @@ from rapidlm import (
     load_model,
 )
 from rapidlm.loading import resolve_model
-from tests.helpers import save_hf_folder, tiny_hf_model
+from tests.helpers import save_hf_folder, tiny_hf_model, write_gguf
 
 
 def test_missing_path():
@@ -64,15 +64,8 @@ def test_unsupported_hf_architecture(tmp_path):
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    import gguf
-
-    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gpt2")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2'"):
-        load_model(tmp_path / "m.gguf")
+        load_model(write_gguf(tmp_path / "m.gguf", arch="gpt2"))
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from rapidlm.loading import load_model
 from rapidlm.loading.gguf import SUPPORTED_TYPES, dequantize, open_gguf, q4_blocks, unpermute_qk
 from rapidlm.runtime.kv_cache import StaticKVCache
-from tests.helpers import llama_cpp_permute, tiny_hf_model, write_gguf_from_hf
+from tests.helpers import llama_cpp_permute, tiny_hf_model, write_gguf, write_gguf_from_hf
 
 
 def logits(model, ids):
@@ -91,13 +91,7 @@ def test_every_supported_type_dequantizes_to_the_reference(tmp_path, qtype):
         elif qtype == "BF16":
             data = (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
             data = data.view(np.uint8).reshape(rows, cols * 2)
-    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    w.add_tensor("t", data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    t = open_gguf(tmp_path / "t.gguf").reader.tensors[0]
+    t = open_gguf(write_gguf(tmp_path / "t.gguf", tensors=[("t", data, raw_dtype)])).reader.tensors[0]
     got = dequantize(t)
     assert got.shape == (rows, cols)
     expected = gguf.quants.dequantize(np.asarray(t.data), kind).reshape(rows, cols)
@@ -110,13 +104,8 @@ def test_q4_blocks_parse_matches_gguf_dequantize(tmp_path, qtype):
     """Our own nibble/scale parsing (kept 4-bit for the int4 kernel) agrees exactly with gguf's dequantizer."""
     kind = gguf.GGMLQuantizationType[qtype]
     x = np.random.default_rng(1).standard_normal((6, 128)).astype(np.float32)
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
-    w.add_tensor("q", gguf.quants.quantize(x, kind), raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    t = open_gguf(tmp_path / "q.gguf").reader.tensors[0]
+    path = write_gguf(tmp_path / "q.gguf", tensors=[("q", gguf.quants.quantize(x, kind), kind)])
+    t = open_gguf(path).reader.tensors[0]
     blocks = q4_blocks(t)
     assert blocks.q.max() <= 15 and blocks.q.dtype == torch.uint8
     torch.testing.assert_close(blocks.dequantize(), dequantize(t), atol=1e-6, rtol=0)
@@ -127,11 +116,6 @@ def test_unsupported_tensor_type_is_a_clear_error(tmp_path):
 
     kind = gguf.GGMLQuantizationType.Q8_K  # llama.cpp's internal dot-product type: never a stored weight we read
     block, nbytes = gguf.GGML_QUANT_SIZES[kind]
-    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    w.add_tensor("t", np.zeros((2, nbytes), dtype=np.uint8), raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf(tmp_path / "k.gguf", tensors=[("t", np.zeros((2, nbytes), dtype=np.uint8), kind)])
     with pytest.raises(UnsupportedArchitectureError, match="Q8_K"):
-        dequantize(open_gguf(tmp_path / "k.gguf").reader.tensors[0])
+        dequantize(open_gguf(path).reader.tensors[0])
