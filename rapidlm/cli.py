@@ -24,6 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step at start-up (slow start)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -54,7 +55,14 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from rapidlm.llm import LLM  # imported late: `rapidlm info` needs no torch model
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads)
+    return LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        threads=args.threads,
+        compile=args.compile,
+    )
 
 
 def cmd_generate(args: argparse.Namespace, out: TextIO) -> int:

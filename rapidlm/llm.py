@@ -23,6 +23,9 @@ class LLM:
 
     >>> llm = LLM()  # SmolLM2-135M-Instruct, fastest dtype for this machine
     >>> llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0].text
+
+    compile=True compiles the single-sequence decode step with torch.compile at start-up (minutes on a small
+    CPU the first time; PyTorch caches the result on disk), for ~1.7x faster batch-1 decoding.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class LLM:
         dtype: str | torch.dtype = "auto",
         max_model_len: int | None = None,
         threads: int | None = None,
+        compile: bool = False,
     ) -> None:
         set_threads(threads)
         self.device = resolve_device(device)
@@ -42,7 +46,7 @@ class LLM:
         self.config = loaded.config
         self.model_path = loaded.path
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype)
+        self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, compile=compile)
         self.engine = Engine(self.runner, self.tokenizer)
 
     @property

@@ -40,18 +40,19 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv
         qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, heads of q|k|v, hd)
-        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)  # q and k rotated in one pass
+        # Attention runs in the cache's dtype, which may be wider than the activations (fp32 on CPU, where
+        # bf16 attention kernels are slow): q and k are widened once, before RoPE, which then runs in it too.
+        k_cache, v_cache = cache
+        qk = apply_rope(qkv[:, :, : nh + nkv].to(k_cache.dtype), cos, sin)  # q and k rotated in one pass
         q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv :]
 
         # Write this step's keys/values into the static cache at each sequence's own positions, then attend
-        # over the first kv_len slots. The cache may hold a wider dtype than the activations (fp32 on CPU,
-        # where bf16 attention kernels are slow); attention then runs in the cache's dtype.
-        k_cache, v_cache = cache
+        # over the first kv_len slots.
         b_idx, pos = write_at
-        k_cache[b_idx, :, pos] = k.to(k_cache.dtype)  # indexed view is (B, T, nkv, hd)
+        k_cache[b_idx, :, pos] = k  # indexed view is (B, T, nkv, hd)
         v_cache[b_idx, :, pos] = v.to(v_cache.dtype)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2).to(k_cache.dtype),  # (B, nh, T, hd)
+            q.transpose(1, 2),  # (B, nh, T, hd)
             k_cache[:, :, :kv_len],
             v_cache[:, :, :kv_len],
             attn_mask=mask,
@@ -117,8 +118,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:  # (B, T or 1, vocab) logits
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(2)  # (B, T, 1, hd)
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(2)
+        rope_dtype = caches[0][0].dtype  # RoPE runs in the attention dtype (see Attention.forward)
+        cos = self.rope_cos[positions].to(rope_dtype).unsqueeze(2)  # (B, T, 1, hd)
+        sin = self.rope_sin[positions].to(rope_dtype).unsqueeze(2)
         mask = None
         if T > 1 or B > 1 or self.cfg.sliding_window is not None:
             # One token of one sequence at position kv_len-1 may see every slot: no mask needed. Otherwise

@@ -16,7 +16,9 @@ class ModelRunner:
     Logits come back in fp32 whatever the model dtype, so sampling behaves the same for every dtype.
     """
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, compile: bool = False
+    ) -> None:
         self.model = model
         self.cfg = cfg
         self.device = device
@@ -26,6 +28,13 @@ class ModelRunner:
         self.kv_dtype = torch.float32 if device.type == "cpu" else dtype
         if device.type == "cpu" and dtype == torch.bfloat16 and mkldnn_bf16_available():
             pack_linears(model)
+        # torch.compile fuses the ~40 small ops per layer between the matmuls into a few generated kernels and
+        # drops Python's per-op cost: measured 19 -> 11 ms per decode step on SmolLM2-135M (2 CPU cores). It
+        # only serves single-sequence decode steps (one graph; dynamic kv_len), and is compiled at start-up by
+        # warmup() because a cold compile takes minutes on 2 cores (~1.5 min with Inductor's disk cache warm).
+        self.compiled_decode = torch.compile(model, dynamic=True) if compile else None
+        if compile:
+            self.warmup()
 
     @property
     def max_seq_len(self) -> int:
@@ -46,5 +55,14 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token per live row: tokens and positions (B,), kv_len > max(positions). Logits (B, vocab)."""
-        logits = self.model(tokens[:, None], positions[:, None], cache.layers(), kv_len)
+        forward = self.compiled_decode if self.compiled_decode is not None and len(tokens) == 1 else self.model
+        logits = forward(tokens[:, None], positions[:, None], cache.layers(), kv_len)
         return logits[:, 0].float()
+
+    def warmup(self) -> None:
+        """Run a prefill and two decode steps so one-time work (compilation, allocator growth) happens now."""
+        cache = self.allocate(1, 8)
+        self.prefill(cache, 0, [0, 0, 0])
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        for pos in (3, 4):
+            self.decode(cache, token, torch.tensor([pos], device=self.device), pos + 1)

@@ -60,3 +60,26 @@ def test_config_errors_name_the_field():
         ModelConfig("LlamaForCausalLM", 100, 32, 64, num_layers=2, num_heads=4, num_kv_heads=3)
     with pytest.raises(ConfigError, match="ModelConfig.vocab_size"):
         ModelConfig("LlamaForCausalLM", 0, 32, 64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(tmp_path):
+    """compile=True is a speed option only: on an fp32 model it gives the eager tokens and logits."""
+    from rapidlm import LLM, SamplingParams
+    from tests.helpers import save_hf_folder, tiny_hf_model
+
+    folder = save_hf_folder(tiny_hf_model("LlamaForCausalLM"), tmp_path / "m")
+    eager = LLM(folder, device="cpu", dtype="float32")
+    compiled = LLM(folder, device="cpu", dtype="float32", compile=True)
+    assert compiled.runner.compiled_decode is not None
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ids = list(range(700, 710))
+    assert compiled.generate([ids], p)[0].token_ids == eager.generate([ids], p)[0].token_ids
+    cache_e, cache_c = eager.runner.allocate(1, 16), compiled.runner.allocate(1, 16)
+    eager.runner.prefill(cache_e, 0, ids)
+    compiled.runner.prefill(cache_c, 0, ids)
+    token, pos = torch.tensor([5]), torch.tensor([10])
+    torch.testing.assert_close(
+        compiled.runner.decode(cache_c, token, pos, 11), eager.runner.decode(cache_e, token, pos, 11),
+        atol=1e-5, rtol=0,
+    )
