@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/rapidlm generate --chat "$(PROMPT)" --max-tokens 128 --temperature 0 --stats
+	$(BIN)/rapidlm generate --chat "$(PROMPT)" --max-tokens 128 --temperature 0 --repetition-penalty 1.2 --stats
 
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
 test: setup

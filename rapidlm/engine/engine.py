@@ -123,7 +123,7 @@ class Engine:
         ):
             seq.finish_reason = "length"
         if seq.finished:
-            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+            if not isinstance(seq.stop_reason, str):  # a stop string already cut the text: nothing to flush
                 self._add_text(seq, seq.detok.flush())
             seq.finish_time = time.perf_counter() - start
         safe = len(seq.text) if seq.finished else seq.stops.safe_length(seq.text)
@@ -139,7 +139,7 @@ class Engine:
 
     @staticmethod
     def _add_text(seq: Sequence, delta: str) -> None:
-        if not delta or (seq.finished and seq.stop_reason is not None and isinstance(seq.stop_reason, str)):
+        if not delta or isinstance(seq.stop_reason, str):
             return
         old = len(seq.text)
         seq.text += delta
