@@ -113,7 +113,7 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # (B, T) int64
         positions: torch.Tensor,  # (B, T) int64, each sequence's own positions
         caches: KVCaches,
-        kv_len: int,  # attend over cache slots [0, kv_len); must exceed every position
+        kv_len: int,  # attend over cache slots [0, kv_len): 1 + the largest position in `positions`
         last_only: bool = False,  # return logits of the last position only: prefill needs no more
     ) -> torch.Tensor:  # (B, T or 1, vocab) logits
         B, T = tokens.shape

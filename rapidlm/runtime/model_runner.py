@@ -54,7 +54,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """One token per live row: tokens and positions (B,), kv_len > max(positions). Logits (B, vocab)."""
+        """One token per live row: tokens and positions (B,), kv_len = max(positions) + 1. Logits (B, vocab)."""
         forward = self.compiled_decode if self.compiled_decode is not None and len(tokens) == 1 else self.model
         logits = forward(tokens[:, None], positions[:, None], cache.layers(), kv_len)
         return logits[:, 0].float()
