@@ -3,6 +3,7 @@
     rapidlm generate "The capital of France is" --max-tokens 32 --temperature 0
     rapidlm chat
     rapidlm info smollm2-135m
+    rapidlm eval ppl --data ../shared/data/wikitext-2/valid.txt --ctx 512
 """
 
 from __future__ import annotations
@@ -156,6 +157,19 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_eval_ppl(args: argparse.Namespace, out: TextIO) -> int:
+    from rapidlm.eval.perplexity import perplexity_of_file
+
+    llm = _load(args)
+    r = perplexity_of_file(llm, args.data, args.ctx, args.max_windows, show_progress=not args.quiet)
+    out.write(
+        f"perplexity {r.perplexity:.4f} (nll {r.nll:.5f}) on {args.data}: {r.scored_tokens:,} tokens scored in "
+        f"{r.windows} windows of {r.ctx} (text: {r.text_tokens:,} tokens) "
+        f"[{llm.model_path.name}, {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}]\n"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidlm", description="Fast LLM inference on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, temperature=0.7)
 
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
+    ppl = ev.add_parser("ppl", help="perplexity of a text file, non-overlapping windows")
+    ppl.add_argument("--data", required=True, help="UTF-8 text file, e.g. ../shared/data/wikitext-2/valid.txt")
+    ppl.add_argument("--ctx", type=int, default=512, help="window length in tokens (default: %(default)s)")
+    ppl.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    ppl.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(ppl)
+
     info = sub.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("model_pos", nargs="?", metavar="MODEL", help="alias, .gguf file or HF folder")
     info.add_argument("--model", "-m", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
@@ -187,8 +209,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, inp: Text
             return cmd_generate(args, out)
         if args.command == "chat":
             return cmd_chat(args, out, inp or sys.stdin)
+        if args.command == "eval":
+            return cmd_eval_ppl(args, out)
         return cmd_info(args, out)
-    except (RapidLMError, ValueError) as exc:
+    except (RapidLMError, ValueError, FileNotFoundError) as exc:
         print(f"rapidlm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

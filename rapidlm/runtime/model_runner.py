@@ -53,6 +53,15 @@ class ModelRunner:
         return logits[0, -1].float()
 
     @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one sequence, (T, vocab) fp32: for perplexity, not for generation."""
+        T = len(token_ids)
+        cache = self.allocate(1, T)
+        tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # (1, T)
+        positions = torch.arange(T, device=self.device)[None, :]
+        return self.model(tokens, positions, cache.layers(), T)[0].float()
+
+    @torch.inference_mode()
     def decode(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token per live row: tokens and positions (B,), kv_len = max(positions) + 1. Logits (B, vocab)."""
         forward = self.compiled_decode if self.compiled_decode is not None and len(tokens) == 1 else self.model
