@@ -62,8 +62,11 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf_from_hf(model: torch.nn.Module, path: Path, qtypes: dict[str, str] | None = None) -> Path:
-    """Write a transformers Llama model as a llama.cpp-style GGUF (permuted Q/K, GGUF names, real tokenizer).
+def write_gguf_from_hf(
+    model: torch.nn.Module, path: Path, qtypes: dict[str, str] | None = None, arch: str = "llama"
+) -> Path:
+    """Write a transformers Llama (or Qwen2, arch="qwen2") model as llama.cpp writes it: GGUF names, Q/K rows
+    permuted for "llama", the real SmolLM2 tokenizer.
 
     qtypes maps a GGUF tensor-name suffix (e.g. "ffn_up.weight") to a quantization type name.
     """
@@ -71,7 +74,7 @@ def write_gguf_from_hf(model: torch.nn.Module, path: Path, qtypes: dict[str, str
 
     cfg = model.config
     qtypes = qtypes or {}
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -99,6 +102,9 @@ def write_gguf_from_hf(model: torch.nn.Module, path: Path, qtypes: dict[str, str
         "self_attn.q_proj.weight": "attn_q.weight",
         "self_attn.k_proj.weight": "attn_k.weight",
         "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
         "self_attn.o_proj.weight": "attn_output.weight",
         "post_attention_layernorm.weight": "ffn_norm.weight",
         "mlp.gate_proj.weight": "ffn_gate.weight",
@@ -114,11 +120,11 @@ def write_gguf_from_hf(model: torch.nn.Module, path: Path, qtypes: dict[str, str
         else:
             gname = names[name]
         arr = t.float().numpy()
-        if gname.endswith("attn_q.weight"):
+        if arch == "llama" and gname.endswith("attn_q.weight"):
             arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-        elif gname.endswith("attn_k.weight"):
+        elif arch == "llama" and gname.endswith("attn_k.weight"):
             arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
-        qtype = next((q for suffix, q in qtypes.items() if gname.endswith(suffix)), "F32")
+        qtype = next((q for suffix, q in qtypes.items() if gname.endswith(suffix)), "F32") if arr.ndim == 2 else "F32"
         kind = gguf.GGMLQuantizationType[qtype]
         if kind == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, np.ascontiguousarray(arr))

@@ -95,8 +95,10 @@ def build_model(
     with torch.device("meta"):
         model = cls(cfg, max_seq_len=max_seq_len)
     sd = fuse_hf_weights(cfg, tensors, dtype, device)
+    swapped: list[str] = []
     for name in [n for n, w in sd.items() if isinstance(w, Int4Weight)]:
         module_name = name.removesuffix(".weight")
+        swapped.append(module_name + ".")
         linear = model.get_submodule(module_name)
         weight = sd.pop(name)
         if weight.shape != (linear.out_features, linear.in_features):
@@ -106,7 +108,8 @@ def build_model(
             )
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, Int4Linear(weight, sd.pop(module_name + ".bias", None)))
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    # A swapped-in Int4Linear already holds its weight and bias; only the rest comes from `sd`.
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(tuple(swapped))}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     for name, shape in expected.items():

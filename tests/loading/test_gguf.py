@@ -119,3 +119,28 @@ def test_unsupported_tensor_type_is_a_clear_error(tmp_path):
     path = write_gguf(tmp_path / "k.gguf", tensors=[("t", np.zeros((2, nbytes), dtype=np.uint8), kind)])
     with pytest.raises(UnsupportedArchitectureError, match="Q8_K"):
         dequantize(open_gguf(path).reader.tensors[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_q4_weights_run_as_int4_close_to_dequantized(tmp_path, arch):
+    """bf16 on the CPU keeps Q4_0/Q4_1 projections 4-bit (Int4Linear, with QKV bias for Qwen2): its logits stay
+    within bf16 error of the fp32 dequantized model built from the same file."""
+    from rapidlm.compress.kernels.int4_cpu import Int4Linear, int4_kernel_available
+
+    if not int4_kernel_available():
+        pytest.skip("no int4 CPU kernel")
+    hf_arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+    ref = tiny_hf_model(hf_arch, tie_word_embeddings=False)
+    qtypes = {"attn_q.weight": "Q4_0", "attn_k.weight": "Q4_1", "attn_v.weight": "Q4_1", "attn_output.weight": "Q4_0"}
+    qtypes.update({f"ffn_{x}.weight": "Q4_1" for x in ("gate", "up", "down")})
+    path = write_gguf_from_hf(ref, tmp_path / f"{arch}.gguf", qtypes=qtypes, arch=arch)
+    exact = load_model(path, dtype=torch.float32, with_tokenizer=False)
+    packed = load_model(path, dtype=torch.bfloat16, with_tokenizer=False, keep_int4=True)
+    assert isinstance(packed.model.layers[0].attn.wqkv, Int4Linear)
+    assert isinstance(packed.model.layers[0].mlp.w_gate_up, Int4Linear)
+    ids = list(range(300, 340))
+    expected = logits(exact.model, ids)
+    cache = StaticKVCache(packed.config, 1, len(ids), torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        got = packed.model(torch.tensor([ids]), torch.arange(len(ids))[None], cache.layers(), len(ids))[0].float()
+    assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
