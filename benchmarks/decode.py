@@ -515,6 +515,25 @@ def run_all(
     return results
 
 
+SECTION_START = "<!-- benchmarks/decode.py: start -->"
+SECTION_END = "<!-- benchmarks/decode.py: end -->"
+
+
+def write_section(path: Path, report: str) -> None:
+    """Replace this script's section of the file (between its markers), keeping what other benchmarks wrote."""
+    block = f"{SECTION_START}\n{report.rstrip()}\n{SECTION_END}\n\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        text = head + block + rest.split(SECTION_END, 1)[1].lstrip("\n")
+    elif text.startswith("# Benchmarks\n") and "## Prefill and decode" in text:
+        text = "# Benchmarks\n\n" + block  # a report from before the markers: replace it whole
+    else:
+        text = text.rstrip() + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="rapidlm model alias or .gguf path (default: %(default)s)")
@@ -568,8 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     report = render_report(args, model_path, args.lengths, bandwidth, results)
     print(report)
     if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text("# Benchmarks\n\n" + report, encoding="utf-8")
+        write_section(args.write, report)
         log(f"wrote {args.write}")
     if args.json:
         args.json.write_text(json.dumps({"bandwidth": bandwidth, "prompts": prompts, "results": results}, indent=1))
