@@ -92,9 +92,10 @@ class Engine:
         tokens = torch.tensor([s.output_ids[-1] for s in live], dtype=torch.long, device=device)  # (B,)
         positions = torch.tensor([s.next_position for s in live], dtype=torch.long, device=device)  # (B,)
         kv_len = max(s.next_position for s in live) + 1
+        samplers = [s.sampler for s in live]  # rebuilt only when the batch shrinks
         while True:
             logits = self.runner.decode(cache, tokens, positions, kv_len)  # (B, V)
-            tokens = sample_batch(logits, [s.sampler for s in live])
+            tokens = sample_batch(logits, samplers)
             chunks = [self._append(s, t, start) for s, t in zip(live, tokens.tolist())]
             yield chunks
             if any(s.finished for s in live):
@@ -103,6 +104,7 @@ class Engine:
                     return
                 cache.keep(keep)
                 live = [live[i] for i in keep]
+                samplers = [s.sampler for s in live]
                 index = torch.tensor(keep, device=device)
                 tokens, positions = tokens[index], positions[index]
                 kv_len = max(s.next_position for s in live)
