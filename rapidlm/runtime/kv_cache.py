@@ -37,7 +37,3 @@ class StaticKVCache:
             self.data[:, :, : len(rows)] = self.data[:, :, index]
         self.batch_size = len(rows)
         self._live = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
