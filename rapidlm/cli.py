@@ -1,16 +1,20 @@
 """`rapidlm` command line: a thin layer over rapidlm.LLM.
 
-    rapidlm generate "The capital of France is" --max-tokens 32 --temperature 0
-    rapidlm chat
-    rapidlm info smollm2-135m
-    rapidlm eval ppl --data ../shared/data/wikitext-2/valid.txt --ctx 512
+rapidlm generate "The capital of France is" --max-tokens 32 --temperature 0
+rapidlm chat
+rapidlm info smollm2-135m
+rapidlm eval ppl --data ../shared/data/wikitext-2/valid.txt --ctx 512 --quant int4-g128-awq
+rapidlm compress --recipe int4-g32 --out smollm2-int4
+rapidlm compare --recipes dequantized@float32 native int8 int4-g128-gptq --data valid.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from rapidlm.engine.sampling import SamplingParams
@@ -26,6 +30,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step at start-up (slow start)")
+    g.add_argument(
+        "--quant",
+        default=None,
+        help="quantization: a recipe file or a shorthand (native, int8, int4-g32, int4-g128, int4-g128-gptq, "
+        "int4-g128-awq, w8a8, kv-int8, dequantized; join with '+')",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -63,6 +73,8 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
         max_model_len=args.max_model_len,
         threads=args.threads,
         compile=args.compile,
+        quantization=args.quant,
+        show_progress=True,
     )
 
 
@@ -170,6 +182,57 @@ def cmd_eval_ppl(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace, out: TextIO) -> int:
+    import torch
+
+    from rapidlm.compress.apply import load_with_recipe
+    from rapidlm.compress.recipe import resolve_recipe
+    from rapidlm.compress.saved import save_compressed
+    from rapidlm.runtime.device import resolve_dtype, set_threads
+
+    set_threads(args.threads)
+    recipe = resolve_recipe(args.recipe)
+    if recipe.weight_step is None or type(recipe.weight_step).__name__ in ("Native", "Dequantized"):
+        raise ValueError(f"recipe {args.recipe!r} quantizes no weights: there is nothing to compress and save")
+    device = torch.device("cpu")
+    loaded, recipe, report = load_with_recipe(
+        args.model, recipe, resolve_dtype(args.dtype, device), device, show_progress=True, keep_weights=True
+    )
+    folder = save_compressed(loaded, recipe, report, args.out)
+    size = (folder / "model.safetensors").stat().st_size
+    out.write(f"wrote {folder} ({report.method}, {len(report.swapped)} linears, {size / 2**20:.1f} MiB)\n")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
+    from rapidlm.eval.compare import compare, plot, table
+
+    llama_py = args.llama_cpp_python
+    if llama_py == "auto":
+        candidate = Path(".bench-venv/bin/python")
+        llama_py = str(candidate) if candidate.is_file() else None
+    result = compare(
+        args.model,
+        args.recipes,
+        args.data,
+        ctx=args.ctx,
+        windows=args.windows,
+        gen_tokens=args.gen_tokens,
+        batches=tuple(args.batch),
+        repeats=args.repeats,
+        threads=args.threads,
+        llama_cpp_python=llama_py or None,
+    )
+    out.write(table(result) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        out.write(f"wrote {args.json}\n")
+    if args.plot:
+        plot(result, args.plot)
+        out.write(f"wrote {args.plot}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidlm", description="Fast LLM inference on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +258,33 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(ppl)
 
+    comp = sub.add_parser("compress", help="quantize a model with a recipe and save it (safetensors + manifest)")
+    comp.add_argument("--recipe", required=True, help="recipe file (YAML/JSON) or shorthand, e.g. int4-g128-gptq")
+    comp.add_argument("--out", required=True, help="new folder to write; load it back with --model FOLDER")
+    comp.add_argument("--model", "-m", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
+    comp.add_argument("--dtype", default="auto", help="activation dtype it will run in (default: %(default)s)")
+    comp.add_argument("--threads", type=int, default=None)
+
+    cmp_ = sub.add_parser("compare", help="size, perplexity and speed of several variants, side by side")
+    cmp_.add_argument(
+        "--recipes", nargs="+", required=True, help="variants: RECIPE[@DTYPE][#compile]; first = reference"
+    )
+    cmp_.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    cmp_.add_argument(
+        "--data", required=True, help="text for perplexity (first windows; calibration uses its 2nd half)"
+    )
+    cmp_.add_argument("--ctx", type=int, default=512)
+    cmp_.add_argument("--windows", type=int, default=64, help="perplexity windows (default: %(default)s)")
+    cmp_.add_argument("--gen-tokens", type=int, default=128, help="tokens decoded per speed run")
+    cmp_.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default: 1 8)")
+    cmp_.add_argument("--repeats", type=int, default=3)
+    cmp_.add_argument("--threads", type=int, default=None)
+    cmp_.add_argument(
+        "--llama-cpp-python", default="auto", help="Python with llama-cpp-python ('auto': .bench-venv if present; '')"
+    )
+    cmp_.add_argument("--json", default=None, help="write the full results here")
+    cmp_.add_argument("--plot", default=None, help="write a PNG plot (perplexity vs tokens/s, Pareto front)")
+
     info = sub.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("model_pos", nargs="?", metavar="MODEL", help="alias, .gguf file or HF folder")
     info.add_argument("--model", "-m", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
@@ -211,8 +301,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, inp: Text
             return cmd_chat(args, out, inp or sys.stdin)
         if args.command == "eval":
             return cmd_eval_ppl(args, out)
+        if args.command == "compress":
+            return cmd_compress(args, out)
+        if args.command == "compare":
+            return cmd_compare(args, out)
         return cmd_info(args, out)
-    except (RapidLMError, ValueError, FileNotFoundError) as exc:
+    except (RapidLMError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"rapidlm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,10 +8,14 @@ from typing import Any
 
 import torch
 
+from rapidlm.compress.apply import load_with_recipe
+from rapidlm.compress.configs import Recipe
+from rapidlm.compress.saved import is_compressed_folder, manifest_recipe
 from rapidlm.engine.engine import Engine, Prompt
 from rapidlm.engine.outputs import RequestOutput, StreamChunk
 from rapidlm.engine.sampling import SamplingParams
-from rapidlm.loading.loader import DEFAULT_MODEL, load_model
+from rapidlm.errors import ConfigError
+from rapidlm.loading.loader import DEFAULT_MODEL, resolve_model
 from rapidlm.runtime.device import resolve_device, resolve_dtype, set_threads
 from rapidlm.runtime.model_runner import ModelRunner
 
@@ -26,6 +30,11 @@ class LLM:
 
     compile=True compiles the single-sequence decode step with torch.compile at start-up (minutes on a small
     CPU the first time; PyTorch caches the result on disk), for ~1.7x faster batch-1 decoding.
+
+    quantization: a shorthand ("native", "int8", "int4-g32", "int4-g128", "int4-g128-gptq", "int4-g128-awq",
+    "w8a8", "kv-int8", joinable with '+'), a recipe file (YAML/JSON) or a rapidlm.compress Recipe/config.
+    None runs the checkpoint as loaded (on this CPU: a GGUF's 4/8-bit blocks natively). A folder written by
+    `rapidlm compress` carries its own recipe.
     """
 
     def __init__(
@@ -36,17 +45,29 @@ class LLM:
         max_model_len: int | None = None,
         threads: int | None = None,
         compile: bool = False,
+        quantization: str | os.PathLike | Recipe | None = None,
+        show_progress: bool = False,
     ) -> None:
         set_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        loaded = load_model(model, self.dtype, self.device, max_seq_len=max_model_len)
+        if quantization is not None and is_compressed_folder(resolve_model(model)):
+            raise ConfigError("this model folder is already compressed; load it without quantization=")
+        loaded, recipe, self.quantize_report = load_with_recipe(
+            model, quantization, self.dtype, self.device, max_model_len, show_progress
+        )
+        if loaded.format == "rapidlm":
+            recipe = manifest_recipe(loaded.path)
+        self.recipe = recipe
         if loaded.tokenizer is None:  # pragma: no cover - load_model always builds one here
             raise RuntimeError("model loaded without a tokenizer")
         self.config = loaded.config
         self.model_path = loaded.path
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded.model, loaded.config, self.device, self.dtype, compile=compile)
+        kv_int8 = recipe is not None and recipe.kv_int8
+        self.runner = ModelRunner(
+            loaded.model, loaded.config, self.device, self.dtype, compile=compile, kv_int8=kv_int8
+        )
         self.engine = Engine(self.runner, self.tokenizer)
 
     @property

@@ -22,9 +22,12 @@ def test_greedy_tokens_identical_to_transformers(llm_fp32, hf_reference):
         ids = llm_fp32.tokenizer.encode(prompt)
         with torch.inference_mode():
             ref = hf_reference.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=32, min_new_tokens=32, do_sample=False,
-            )[0, len(ids):].tolist()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+            )[0, len(ids) :].tolist()
         out = llm_fp32.generate(prompt, GREEDY32)[0]
         assert out.token_ids == ref, prompt
         assert out.text == llm_fp32.tokenizer.decode(ref)
@@ -33,8 +36,11 @@ def test_greedy_tokens_identical_to_transformers(llm_fp32, hf_reference):
 @pytest.mark.parametrize("which", ["llm_fp32", "llm_auto"])
 def test_batch_equals_single(request, which):
     llm = request.getfixturevalue(which)
-    params = [GREEDY32, SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0.8, seed=5,
-                                                                                       max_tokens=20)]
+    params = [
+        GREEDY32,
+        SamplingParams(temperature=0, max_tokens=12),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=20),
+    ]
     batched = llm.generate(PROMPTS, params)
     for prompt, p, out in zip(PROMPTS, params, batched):
         alone = llm.generate(prompt, p)[0]
@@ -105,8 +111,13 @@ def test_hf_folder_greedy_matches_transformers(tmp_path, arch):
     llm = LLM(save_hf_folder(ref, tmp_path / arch), device="cpu", dtype="float32")
     ids = list(range(1000, 1012))
     with torch.inference_mode():
-        expected = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 12, dtype=torch.long),
-                                max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 12:].tolist()
+        expected = ref.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, 12, dtype=torch.long),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+        )[0, 12:].tolist()
     got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids
     assert got == expected
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rapidlm.compress.kernels.int4_cpu import Int4Weight
+from rapidlm.compress.kernels.int8_cpu import Int8Weight
 from rapidlm.config import ModelConfig, RopeScaling
 from rapidlm.errors import ModelFormatError, UnsupportedArchitectureError
 
@@ -200,13 +201,29 @@ def q4_blocks(t: Any) -> Int4Weight:
     return Int4Weight(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(offset), 32)
 
 
+def q8_blocks(t: Any) -> Int8Weight:
+    """A Q8_0 tensor as int8 codes and per-32 fp32 scales, without dequantizing.
+
+    Block layout (ggml): fp16 d, then 32 int8 codes; w = d * q.
+    """
+    n, k = (int(d) for d in reversed(t.shape))
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(n, k // 32, 34)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+    codes = raw[..., 2:].copy().view(np.int8).reshape(n, k)
+    return Int8Weight(torch.from_numpy(codes), torch.from_numpy(d), 32)
+
+
+NATIVE_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # GGUF block formats rapidlm can run as stored
+
+
 def gguf_tensors(
-    g: GGUFFile, cfg: ModelConfig, keep_int4: bool = False
-) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    g: GGUFFile, cfg: ModelConfig, keep: tuple[str, ...] | frozenset[str] = ()
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8Weight]]:
     """Yield (HF name, tensor) for every tensor the model uses, Q/K rows un-permuted where needed.
 
-    Tensors come back as fp32, except Q4_0/Q4_1 projection weights when `keep_int4`: those stay 4-bit
-    (Int4Weight) so the model can run them as stored.
+    Tensors come back as fp32, except matmul weights whose GGUF type is in `keep` (a subset of NATIVE_KINDS):
+    those stay packed (Int4Weight / Int8Weight) so the model runs them as stored. A tied embedding kept this
+    way is yielded twice: dequantized as the embedding table (a gather) and packed as `lm_head.weight`.
     """
     import gguf
 
@@ -216,10 +233,15 @@ def gguf_tensors(
         if name is None:
             continue
         kind = gguf.GGMLQuantizationType(t.tensor_type).name
-        if keep_int4 and kind in _Q4_BLOCK_BYTES and name.endswith("_proj.weight"):
-            w: torch.Tensor | Int4Weight = q4_blocks(t)
+        matmul = name.endswith("_proj.weight") or name == "lm_head.weight"
+        if kind in keep and kind in _Q4_BLOCK_BYTES and matmul:
+            w: torch.Tensor | Int4Weight | Int8Weight = q4_blocks(t)
+        elif kind in keep and kind == "Q8_0" and matmul:
+            w = q8_blocks(t)
         else:
             w = dequantize(t)
+        if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings and kind in keep and kind == "Q8_0":
+            yield "lm_head.weight", q8_blocks(t)
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _rows(w, lambda x: unpermute_qk(x, cfg.num_heads))
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -227,6 +249,5 @@ def gguf_tensors(
         yield name, w
 
 
-def _rows(w: torch.Tensor | Int4Weight, fn) -> torch.Tensor | Int4Weight:  # noqa: ANN001
-    return w.map_rows(fn) if isinstance(w, Int4Weight) else fn(w)
-
+def _rows(w, fn):  # noqa: ANN001, ANN202 - a tensor or a packed weight: reorder its output rows
+    return fn(w) if isinstance(w, torch.Tensor) else w.map_rows(fn)

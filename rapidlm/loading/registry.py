@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rapidlm.compress.kernels.int4_cpu import Int4Linear, Int4Weight
+from rapidlm.compress.kernels.int8_cpu import Int8Linear, Int8Weight
 from rapidlm.config import ModelConfig
 from rapidlm.errors import ModelFormatError, UnsupportedArchitectureError
 from rapidlm.models.llama import Transformer
@@ -28,14 +29,21 @@ def model_class(architecture: str) -> type[nn.Module]:
     return ARCHITECTURES[architecture]
 
 
-Weight = torch.Tensor | Int4Weight
+Weight = torch.Tensor | Int4Weight | Int8Weight
+PACKED = (Int4Weight, Int8Weight)
+# Packed weight type -> the module that runs it.
+PACKED_MODULES: dict[type, type[nn.Module]] = {Int4Weight: Int4Linear, Int8Weight: Int8Linear}
 
 
 def _cat(parts: list[Weight], dtype: torch.dtype, device: torch.device) -> Weight:
-    """Concatenate along output rows; packed 4-bit parts stay packed only if all of them are."""
-    if all(isinstance(p, Int4Weight) for p in parts):
-        return Int4Weight.cat(parts)  # type: ignore[arg-type]
-    dense = [p.dequantize().to(device=device, dtype=dtype) if isinstance(p, Int4Weight) else p for p in parts]
+    """Concatenate along output rows; packed parts stay packed only if all share one packed format."""
+    kinds = {type(p) for p in parts}
+    if len(kinds) == 1 and kinds <= set(PACKED):
+        try:
+            return parts[0].cat(parts)  # type: ignore[union-attr]
+        except ValueError:
+            pass  # e.g. different group sizes: fall through to dense
+    dense = [p.dequantize().to(device=device, dtype=dtype) if isinstance(p, PACKED) else p for p in parts]
     return torch.cat(dense, dim=0)
 
 
@@ -47,7 +55,7 @@ def fuse_hf_weights(
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue  # old checkpoints store RoPE frequencies; we compute them
-        hf[name] = t if isinstance(t, Int4Weight) else t.to(device=device, dtype=dtype)
+        hf[name] = t if isinstance(t, PACKED) else t.to(device=device, dtype=dtype)
 
     def take(name: str) -> Weight:
         if name not in hf:
@@ -58,9 +66,9 @@ def fuse_hf_weights(
         "embed.weight": take("model.embed_tokens.weight"),
         "norm.weight": take("model.norm.weight"),
     }
-    if cfg.tie_word_embeddings:
-        hf.pop("lm_head.weight", None)
-    else:
+    if cfg.tie_word_embeddings and not isinstance(hf.get("lm_head.weight"), PACKED):
+        hf.pop("lm_head.weight", None)  # a tied head shares the embedding; a packed one runs on its own
+    elif "lm_head.weight" in hf or not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
@@ -89,14 +97,14 @@ def build_model(
 ) -> nn.Module:
     """Instantiate the architecture's model with the given weights, without a throwaway random init.
 
-    Weights that arrive packed as 4-bit (Int4Weight) swap their nn.Linear for an Int4Linear first.
+    Weights that arrive packed (Int4Weight, Int8Weight) swap their nn.Linear for the module that runs them.
     """
     cls = model_class(cfg.architecture)
     with torch.device("meta"):
         model = cls(cfg, max_seq_len=max_seq_len)
     sd = fuse_hf_weights(cfg, tensors, dtype, device)
     swapped: list[str] = []
-    for name in [n for n, w in sd.items() if isinstance(w, Int4Weight)]:
+    for name in [n for n, w in sd.items() if isinstance(w, PACKED)]:
         module_name = name.removesuffix(".weight")
         swapped.append(module_name + ".")
         linear = model.get_submodule(module_name)
@@ -107,8 +115,14 @@ def build_model(
                 f"{(linear.out_features, linear.in_features)}"
             )
         parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int4Linear(weight, sd.pop(module_name + ".bias", None)))
-    # A swapped-in Int4Linear already holds its weight and bias; only the rest comes from `sd`.
+        bias = sd.pop(module_name + ".bias", None)
+        if isinstance(weight, Int4Weight):  # the int4 kernel computes in bf16, or fp32 when that is asked for
+            act = dtype if dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+            module: nn.Module = Int4Linear(weight, bias, act_dtype=act)
+        else:
+            module = PACKED_MODULES[type(weight)](weight, bias)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    # A swapped-in packed module already holds its weight and bias; only the rest comes from `sd`.
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(tuple(swapped))}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -120,7 +134,7 @@ def build_model(
                 f"tensor {name!r} has shape {tuple(sd[name].shape)} but the config implies {tuple(shape)}"
             )
     model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and type(model.lm_head) is nn.Linear:
         model.lm_head.weight = model.embed.weight
     model.reset_rope(device)
     return model.eval().requires_grad_(False)

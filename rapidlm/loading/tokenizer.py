@@ -43,9 +43,7 @@ def _regex_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
 GGUF_PRE_TOKENIZERS: dict[str, Any] = {
     "default": lambda: _GPT2_BYTELEVEL,
     "gpt-2": lambda: _GPT2_BYTELEVEL,
-    "smollm": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), _GPT2_BYTELEVEL]
-    ),
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _GPT2_BYTELEVEL]),
     "llama-bpe": lambda: _regex_then_bytes(_LLAMA3_REGEX),
     "qwen2": lambda: _regex_then_bytes(_QWEN2_REGEX),
 }
@@ -137,6 +135,16 @@ class Tokenizer:
             )
         eos_ids = {i for i in (eos_id, token("tokenizer.ggml.eot_token_id")[0]) if i is not None}
         return cls(backend, eos_ids, bos, eos, meta.get("tokenizer.chat_template"))
+
+    def save(self, folder: Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json: what from_hf_folder reads."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tokenizer.json").write_text(self.backend.to_str(), encoding="utf-8")
+        tcfg = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=1), encoding="utf-8")
+        gen = {"eos_token_id": sorted(self.eos_token_ids)}
+        (folder / "generation_config.json").write_text(json.dumps(gen, indent=1), encoding="utf-8")
 
     @classmethod
     def from_hf_folder(cls, folder: Path, config: dict[str, Any] | None = None) -> Tokenizer:

@@ -16,7 +16,7 @@ from torch import nn
 from rapidlm.config import ModelConfig
 from rapidlm.models.layers import RMSNorm, apply_rope, rope_tables
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, n_kv, S_max, hd)
+KVCaches = list  # per layer, an object with .dtype and .update(k, v, b_idx, pos, kv_len) -> (keys, values)
 
 
 class Attention(nn.Module):
@@ -32,7 +32,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, C)
         cos: torch.Tensor,  # (B, T, 1, hd)
         sin: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],  # k, v: (B, nkv, S_max, hd)
+        cache,  # noqa: ANN001 - this layer's KV cache (rapidlm.runtime.kv_cache.LayerKV or alike)
         write_at: tuple[torch.Tensor, torch.Tensor],  # batch index (B, T), position (B, T)
         mask: torch.Tensor | None,  # (B, 1, T, L) bool, True = may attend; None = attend to all L slots
         kv_len: int,
@@ -42,19 +42,16 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # (B, T, heads of q|k|v, hd)
         # Attention runs in the cache's dtype, which may be wider than the activations (fp32 on CPU, where
         # bf16 attention kernels are slow): q and k are widened once, before RoPE, which then runs in it too.
-        k_cache, v_cache = cache
-        qk = apply_rope(qkv[:, :, : nh + nkv].to(k_cache.dtype), cos, sin)  # q and k rotated in one pass
+        qk = apply_rope(qkv[:, :, : nh + nkv].to(cache.dtype), cos, sin)  # q and k rotated in one pass
         q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv :]
 
-        # Write this step's keys/values into the static cache at each sequence's own positions, then attend
-        # over the first kv_len slots.
-        b_idx, pos = write_at
-        k_cache[b_idx, :, pos] = k  # indexed view is (B, T, nkv, hd)
-        v_cache[b_idx, :, pos] = v.to(v_cache.dtype)
+        # Write this step's keys/values into the cache at each sequence's own positions, then attend over the
+        # first kv_len slots as the cache gives them back.
+        keys, values = cache.update(k, v, write_at[0], write_at[1], kv_len)  # each (B, nkv, kv_len, hd)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, nh, T, hd)
-            k_cache[:, :, :kv_len],
-            v_cache[:, :, :kv_len],
+            keys,
+            values,
             attn_mask=mask,
             enable_gqa=nh != nkv,
         )  # (B, nh, T, hd)
@@ -118,7 +115,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:  # (B, T or 1, vocab) logits
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
-        rope_dtype = caches[0][0].dtype  # RoPE runs in the attention dtype (see Attention.forward)
+        rope_dtype = caches[0].dtype  # RoPE runs in the attention dtype (see Attention.forward)
         cos = self.rope_cos[positions].to(rope_dtype).unsqueeze(2)  # (B, T, 1, hd)
         sin = self.rope_sin[positions].to(rope_dtype).unsqueeze(2)
         mask = None

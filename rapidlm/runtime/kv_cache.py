@@ -1,10 +1,59 @@
-"""The static KV cache: allocated once per batch, written in place, never reallocated while decoding."""
+"""The static KV cache: allocated once per batch, written in place, never reallocated while decoding.
+
+The model sees one `LayerKV` per layer with a single method, `update(k, v, b_idx, pos, kv_len)`: write this
+step's keys/values at each sequence's positions and return the keys/values to attend over. How they are
+stored (the model dtype, fp32, or int8 with scales) is the cache's business, not the model's.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from rapidlm.compress.primitives import quantize_per_token_int8
 from rapidlm.config import ModelConfig
+
+
+class LayerKV:
+    """One layer's k and v views, each (B, n_kv, max_len, hd), stored in `dtype`."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+        self.dtype = k.dtype  # the attention dtype: q/k/v are widened to it before RoPE
+
+    def update(
+        self,
+        k: torch.Tensor,  # (B, T, nkv, hd)
+        v: torch.Tensor,
+        b_idx: torch.Tensor,  # (B, T) batch row of each new entry
+        pos: torch.Tensor,  # (B, T) its position
+        kv_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values (B, nkv, kv_len, hd)
+        self.k[b_idx, :, pos] = k  # indexed view is (B, T, nkv, hd)
+        self.v[b_idx, :, pos] = v.to(self.dtype)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+class Int8LayerKV:
+    """One layer's k and v as int8 codes (B, n_kv, max_len, hd) with one fp32 scale per (token, kv head).
+
+    Attention reads them back dequantized to `dtype`, so every score (prefill included) sees the stored
+    int8 values: the quality measured is the quality served.
+    """
+
+    def __init__(self, kq: torch.Tensor, vq: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, dtype: torch.dtype):
+        self.kq, self.vq, self.ks, self.vs = kq, vq, ks, vs
+        self.dtype = dtype
+
+    def update(self, k, v, b_idx, pos, kv_len):  # noqa: ANN001, ANN201 - same contract as LayerKV.update
+        qk, sk = quantize_per_token_int8(k)  # per (b, t, head): scale over hd
+        qv, sv = quantize_per_token_int8(v)
+        self.kq[b_idx, :, pos] = qk
+        self.ks[b_idx, :, pos] = sk
+        self.vq[b_idx, :, pos] = qv
+        self.vs[b_idx, :, pos] = sv
+        keys = self.kq[:, :, :kv_len].to(self.dtype) * self.ks[:, :, :kv_len].to(self.dtype)
+        values = self.vq[:, :, :kv_len].to(self.dtype) * self.vs[:, :, :kv_len].to(self.dtype)
+        return keys, values
 
 
 class StaticKVCache:
@@ -12,28 +61,51 @@ class StaticKVCache:
 
     One allocation per batch keeps decode free of allocator work and gives graph capture stable addresses.
     When sequences finish, `keep(rows)` packs the live rows to the front so later steps compute only them.
+    int8=True stores int8 codes plus a (layers, 2, batch, n_kv, max_len, 1) fp32 scale tensor instead.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        int8: bool = False,
+    ):
         self.max_len = max_len
-        self.data = torch.zeros(
-            (cfg.num_layers, 2, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim), dtype=dtype, device=device
-        )
+        self.dtype = dtype
+        self.int8 = int8
+        shape = (cfg.num_layers, 2, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.data = torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device)
+        self.scales = torch.zeros((*shape[:-1], 1), dtype=torch.float32, device=device) if int8 else None
         self.batch_size = batch_size
-        self._live: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._live: list | None = None
 
-    def layers(self, rows: slice | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (k, v) views of rows `rows` (default: the live rows), each (B, n_kv, max_len, hd)."""
+    @property
+    def nbytes(self) -> int:
+        extra = self.scales.numel() * self.scales.element_size() if self.scales is not None else 0
+        return self.data.numel() * self.data.element_size() + extra
+
+    def layers(self, rows: slice | None = None) -> list[LayerKV] | list[Int8LayerKV]:
+        """Per-layer caches over rows `rows` (default: the live rows), each view (B, n_kv, max_len, hd)."""
         if rows is None:
             if self._live is None:  # built once per batch shape, not once per step
                 self._live = self.layers(slice(0, self.batch_size))
             return self._live
-        return [(layer[0, rows], layer[1, rows]) for layer in self.data]
+        if self.scales is None:
+            return [LayerKV(layer[0, rows], layer[1, rows]) for layer in self.data]
+        return [
+            Int8LayerKV(q[0, rows], q[1, rows], s[0, rows], s[1, rows], self.dtype)
+            for q, s in zip(self.data, self.scales)
+        ]
 
     def keep(self, rows: list[int]) -> None:
         """Move the listed rows to the front (in this order) and shrink the live batch to them."""
         if rows != list(range(len(rows))):
             index = torch.tensor(rows, device=self.data.device)
             self.data[:, :, : len(rows)] = self.data[:, :, index]
+            if self.scales is not None:
+                self.scales[:, :, : len(rows)] = self.scales[:, :, index]
         self.batch_size = len(rows)
         self._live = None

@@ -17,7 +17,13 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model: nn.Module, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, compile: bool = False
+        self,
+        model: nn.Module,
+        cfg: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile: bool = False,
+        kv_int8: bool = False,
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -26,6 +32,7 @@ class ModelRunner:
         # On the CPU, attention and the cache run in fp32 even for bf16 weights: PyTorch's bf16 attention
         # kernels are ~3x slower at decode sizes, and fp32 keys/values hold the bf16 values exactly.
         self.kv_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.kv_int8 = kv_int8  # store K/V as int8 + per-(token, head) scales, read back in kv_dtype
         if device.type == "cpu" and dtype == torch.bfloat16 and mkldnn_bf16_available():
             pack_linears(model)
         # torch.compile fuses the ~40 small ops per layer between the matmuls into a few generated kernels and
@@ -41,7 +48,7 @@ class ModelRunner:
         return self.model.max_seq_len
 
     def allocate(self, batch_size: int, max_len: int) -> StaticKVCache:
-        return StaticKVCache(self.cfg, batch_size, max_len, self.kv_dtype, self.device)
+        return StaticKVCache(self.cfg, batch_size, max_len, self.kv_dtype, self.device, int8=self.kv_int8)
 
     @torch.inference_mode()
     def prefill(self, cache: StaticKVCache, row: int, token_ids: list[int], start: int = 0) -> torch.Tensor:

@@ -41,3 +41,20 @@ def test_cat_and_map_rows_act_on_codes_and_scales_together():
 def test_bad_group_size_is_rejected():
     with pytest.raises(ValueError, match="group_size"):
         Int4Weight(torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 1), torch.zeros(4, 1), 48)
+
+
+@pytest.mark.skipif(not int4_kernel_available(), reason="no int4 CPU kernel in this PyTorch")
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k,group", [(40, 64, 32), (7, 128, 64), (96, 256, 128)])
+def test_int4_linear_odd_shapes_and_fp32_activations(m, n, k, group):
+    w = random_int4(n, k, group, seed=n)
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
+    expected = x.double() @ w.dequantize().double().T + bias.double()
+    with torch.inference_mode():
+        exact = Int4Linear(w, bias, act_dtype=torch.float32)(x)
+        fast = Int4Linear(w, bias)(x)  # bf16 compute, cast back to fp32
+    assert exact.shape == (m, n) and exact.dtype == torch.float32
+    # fp32 scales and activations: only summation order differs
+    torch.testing.assert_close(exact.double(), expected, rtol=1e-5, atol=1e-4)
+    assert (fast.double() - expected).abs().max() <= 2e-2 * expected.abs().max()

@@ -48,8 +48,11 @@ def test_unpermute_inverts_llama_cpp_permute():
 def test_tiny_gguf_matches_source_model(tmp_path, qtype):
     """A tiny Llama written the way llama.cpp writes it (permuted Q/K) loads back to the same function."""
     ref = tiny_hf_model("LlamaForCausalLM", tie_word_embeddings=False)
-    path = write_gguf_from_hf(ref, tmp_path / "tiny.gguf", qtypes={"_proj.weight": qtype, "attn_q.weight": qtype,
-                                                                   "attn_k.weight": qtype, "ffn_up.weight": qtype})
+    path = write_gguf_from_hf(
+        ref,
+        tmp_path / "tiny.gguf",
+        qtypes={"_proj.weight": qtype, "attn_q.weight": qtype, "attn_k.weight": qtype, "ffn_up.weight": qtype},
+    )
     loaded = load_model(path, dtype=torch.float32)
     ids = list(range(300, 340))
     with torch.inference_mode():
@@ -135,7 +138,7 @@ def test_q4_weights_run_as_int4_close_to_dequantized(tmp_path, arch):
     qtypes.update({f"ffn_{x}.weight": "Q4_1" for x in ("gate", "up", "down")})
     path = write_gguf_from_hf(ref, tmp_path / f"{arch}.gguf", qtypes=qtypes, arch=arch)
     exact = load_model(path, dtype=torch.float32, with_tokenizer=False)
-    packed = load_model(path, dtype=torch.bfloat16, with_tokenizer=False, keep_int4=True)
+    packed = load_model(path, dtype=torch.bfloat16, with_tokenizer=False, native=True)
     assert isinstance(packed.model.layers[0].attn.wqkv, Int4Linear)
     assert isinstance(packed.model.layers[0].mlp.w_gate_up, Int4Linear)
     ids = list(range(300, 340))

@@ -32,7 +32,7 @@ def test_kv_cache_keep_moves_rows_to_front():
         cache.data[:, :, row] = row + 1
     cache.keep([2, 0])
     assert cache.batch_size == 2
-    k, v = cache.layers()[0]
+    k, v = cache.layers()[0].k, cache.layers()[0].v
     assert k.shape == (2, 2, 8, 8)  # (B, n_kv, max_len, head_dim = 32 // 4)
     assert k[0].eq(3).all() and k[1].eq(1).all() and v[0].eq(3).all()
 
@@ -80,6 +80,8 @@ def test_compiled_decode_matches_eager(tmp_path):
     compiled.runner.prefill(cache_c, 0, ids)
     token, pos = torch.tensor([5]), torch.tensor([10])
     torch.testing.assert_close(
-        compiled.runner.decode(cache_c, token, pos, 11), eager.runner.decode(cache_e, token, pos, 11),
-        atol=1e-5, rtol=0,
+        compiled.runner.decode(cache_c, token, pos, 11),
+        eager.runner.decode(cache_e, token, pos, 11),
+        atol=1e-5,
+        rtol=0,
     )

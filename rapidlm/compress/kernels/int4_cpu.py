@@ -70,25 +70,48 @@ def int4_kernel_available() -> bool:
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W^T (+ b) with W held as packed int4 codes and bf16 per-group scale/zero (CPU, bf16 x)."""
+    """y = x @ W^T (+ b) with W held as packed int4 codes and per-group scale/zero (CPU).
 
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None) -> None:
+    act_dtype is the dtype the kernel computes in: bf16 (fast: ~10x fp32 here; scales rounded to bf16) or
+    fp32 (exact scales: equals the dequantized weights' matmul, used to check native GGUF execution).
+    Inputs of another dtype are cast to it and the output cast back.
+    """
+
+    def __init__(
+        self, weight: Int4Weight, bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         super().__init__()
+        if act_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"Int4Linear.act_dtype must be bfloat16 or float32, got {act_dtype}")
+        self.act_dtype = act_dtype
         self.out_features, self.in_features = weight.shape
         self.group_size = weight.group_size
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32).contiguous(), 1)
+        # The packing wants a multiple of 16 output rows: pad with zero rows, sliced off after the matmul.
+        pad = -self.out_features % 16
+        q, scale, offset = weight.q, weight.scale, weight.offset
+        if pad:
+            q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+            scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+            offset = torch.cat([offset, offset.new_zeros(pad, offset.shape[1])])
+        self.padded_out = self.out_features + pad
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         # The kernel computes w = (q - 8) * scale + zero, so zero = offset + 8 * scale (exact in fp32).
+        weight = Int4Weight(q, scale, offset, self.group_size)
         zero = weight.offset + 8 * weight.scale
         scales_zeros = torch.stack([weight.scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
         self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16), persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        self.register_buffer("scales_zeros", scales_zeros.to(act_dtype), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(act_dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) bf16 -> (..., N) bf16
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N), computed with bf16 activations
+        if x.dtype != self.act_dtype:
+            return self.forward(x.to(self.act_dtype)).to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_zeros
         )
-        y = y.view(*x.shape[:-1], self.out_features)
+        if self.padded_out != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -1,0 +1,60 @@
+"""Load a model and apply a recipe to it: what `LLM(quantization=...)`, `rapidlm compress` and `compare` share.
+
+Weight transforms start from the dequantized fp32 weights (the reference the issue measures against), run
+calibration if the method needs it, swap the linears, then cast what stayed float (embedding, norms, any
+unquantized linear) to the run dtype. `native` instead loads the GGUF blocks as stored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from rapidlm.compress.calibration import calibration_samples, progress_bar
+from rapidlm.compress.configs import Dequantized, KVCacheInt8, Native, Recipe
+from rapidlm.compress.quantize import QuantizeReport, quantize
+from rapidlm.compress.recipe import resolve_recipe
+from rapidlm.errors import ConfigError
+from rapidlm.loading.loader import LoadedModel, load_model
+from rapidlm.models.layers import RMSNorm
+
+FLOAT_MODULES = (nn.Linear, nn.Embedding, RMSNorm)
+
+
+def cast_float_modules(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters of plain float modules to `dtype`; quantized modules keep their own formats."""
+    for m in model.modules():
+        if type(m) in FLOAT_MODULES:
+            m.to(dtype)
+    if type(model.lm_head) is nn.Linear and model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+
+
+def load_with_recipe(
+    model: str | os.PathLike,
+    recipe: Recipe | str | os.PathLike | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_seq_len: int | None = None,
+    show_progress: bool = False,
+    keep_weights: bool = False,
+) -> tuple[LoadedModel, Recipe | None, QuantizeReport | None]:
+    """Load `model` and apply `recipe` (a Recipe, a recipe file or a shorthand); the recipe is returned resolved."""
+    recipe = resolve_recipe(recipe)
+    step = recipe.weight_step if recipe is not None else None
+    if step is None or isinstance(step, (Native, KVCacheInt8, Dequantized)):
+        # None: run a GGUF's blocks natively where the kernels are fast (the default)
+        native = {Native: True, Dequantized: False}.get(type(step))
+        return load_model(model, dtype, device, max_seq_len, native=native), recipe, None
+    if device.type != "cpu":
+        raise ConfigError(f"quantization recipes run on the CPU for now; device {device} is not supported yet")
+    loaded = load_model(model, torch.float32, device, max_seq_len, native=False)
+    samples = None
+    if recipe.needs_calibration:
+        samples = calibration_samples(loaded.tokenizer, recipe.calibration)
+    progress = progress_bar(f"quantize {recipe.name or type(step).__name__}") if show_progress else None
+    report = quantize(loaded.model, step, samples, progress, keep_weights=keep_weights)
+    cast_float_modules(loaded.model, dtype)
+    return loaded, recipe, report
