@@ -7,7 +7,7 @@ BENCH_VENV := .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 PROMPT ?= Write a short poem about the sea.
 
-.PHONY: setup run test lint bench-setup bench clean
+.PHONY: setup run test lint bench-setup bench bench-quant clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-setup: $(BENCH_STAMP)
 
 bench: bench-setup
 	$(BENCH_VENV)/bin/python benchmarks/decode.py --threads 2
+
+# Quantization variants vs llama.cpp (~30 min on 2 cores); llama.cpp runs from the benchmark environment.
+bench-quant: setup bench-setup
+	$(BIN)/python benchmarks/quantization.py --threads 2 --llama-cpp-python $(BENCH_VENV)/bin/python \
+		--write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

@@ -55,6 +55,8 @@ def test_compress_then_run_the_saved_folder_and_eval_with_quant(tmp_path, capsys
     out = tmp_path / "q"
     rc, text = run(["compress", "--model", str(folder), "--recipe", str(recipe), "--out", str(out), "--threads", "2"])
     assert rc == 0 and "wrote" in text and (out / "rapidlm.json").is_file()
+    rc, text = run(["info", str(out)])
+    assert rc == 0 and "format           rapidlm" in text and "stored as U8" in text  # 4-bit codes, two per byte
     argv = ["-n", "6", "--temperature", "0", "--ignore-eos", "--threads", "2"]
     rc1, saved = run(["generate", "Hello", "--model", str(out), *argv])
     rc2, direct = run(["generate", "Hello", "--model", str(folder), "--quant", str(recipe), *argv])

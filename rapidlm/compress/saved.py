@@ -131,6 +131,17 @@ def manifest_recipe(folder: str | os.PathLike) -> Recipe:
     return recipe_from_dict(read_manifest(folder)["recipe"], str(folder / MANIFEST))
 
 
+def manifest_config(folder: str | os.PathLike, manifest: dict | None = None) -> ModelConfig:
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    try:
+        raw_cfg = dict(manifest["config"])
+        raw_cfg["rope_scaling"] = RopeScaling(**raw_cfg["rope_scaling"])
+        return ModelConfig(**raw_cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFormatError(f"{folder / MANIFEST}: bad model config: {exc}") from None
+
+
 def _module(kind: str, spec: dict, t: dict[str, torch.Tensor], name: str) -> nn.Module:
     bias = t.get(f"{name}.bias")
     try:
@@ -160,12 +171,7 @@ def load_compressed(
     """Load a folder written by save_compressed, with its quantized modules packed for this machine."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    try:
-        raw_cfg = dict(manifest["config"])
-        raw_cfg["rope_scaling"] = RopeScaling(**raw_cfg["rope_scaling"])
-        cfg = ModelConfig(**raw_cfg)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFormatError(f"{folder / MANIFEST}: bad model config: {exc}") from None
+    cfg = manifest_config(folder, manifest)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise ModelFormatError(f"{folder} has no model.safetensors")

@@ -130,7 +130,12 @@ def describe_model(model: str | os.PathLike = DEFAULT_MODEL) -> ModelInfo:
     if path.is_dir():
         from safetensors import safe_open
 
-        cfg = hf_io.hf_config(hf_io.read_hf_config(path))
+        if (path / COMPRESSED_MANIFEST).is_file():
+            from rapidlm.compress.saved import manifest_config
+
+            cfg, fmt = manifest_config(path), "rapidlm"
+        else:
+            cfg, fmt = hf_io.hf_config(hf_io.read_hf_config(path)), "hf"
         for file in hf_io.safetensors_files(path):
             try:
                 with safe_open(str(file), framework="pt") as f:
@@ -144,7 +149,7 @@ def describe_model(model: str | os.PathLike = DEFAULT_MODEL) -> ModelInfo:
                         nbytes[key] = nbytes.get(key, 0) + n * _SAFETENSORS_BYTES.get(key, 4)
             except Exception as exc:
                 raise ModelFormatError(f"{file} is a corrupt or truncated safetensors file: {exc}") from exc
-        return ModelInfo(path, "hf", cfg, params, nbytes)
+        return ModelInfo(path, fmt, cfg, params, nbytes)
     g = gguf_io.open_gguf(path)
     cfg = gguf_io.gguf_config(g)
     import gguf
