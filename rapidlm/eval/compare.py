@@ -79,6 +79,7 @@ def decode_rate(llm: Any, prompt: list[int], batch: int, gen_tokens: int, repeat
 def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one variant in this process (the worker side of `compare`)."""
     from rapidlm.compress.apply import load_with_recipe
+    from rapidlm.compress.calibration import progress_bar
     from rapidlm.compress.configs import Dequantized, KVCacheInt8, Native
     from rapidlm.compress.recipe import resolve_recipe
     from rapidlm.compress.saved import save_compressed
@@ -113,7 +114,8 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
             llm = LLM(out, device="cpu", dtype=v.dtype, compile=v.compile)
         load_s = time.perf_counter() - start
         mem = weight_memory_bytes(llm.runner.model)
-        ppl = perplexity(llm, [t for w in spec["windows"] for t in w], spec["ctx"], len(spec["windows"]))
+        ids = [t for w in spec["windows"] for t in w]
+        ppl = perplexity(llm, ids, spec["ctx"], len(spec["windows"]), progress_bar(f"{v.label}: perplexity"))
         rates = {
             str(b): decode_rate(llm, spec["prompt"], b, spec["gen_tokens"], spec["repeats"]) for b in spec["batches"]
         }

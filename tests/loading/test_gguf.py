@@ -147,3 +147,26 @@ def test_q4_weights_run_as_int4_close_to_dequantized(tmp_path, arch):
     with torch.inference_mode():
         got = packed.model(torch.tensor([ids]), torch.arange(len(ids))[None], cache.layers(), len(ids))[0].float()
     assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
+
+
+def test_native_q8_0_and_q4_in_fp32_equal_the_dequantized_model(tmp_path):
+    """Native execution in fp32 is lossless: Q8_0 q/k/v (un-permuted as Int8Weight rows, fused), Q4_0/Q4_1 MLP
+    and a tied Q8_0 embedding (which also becomes the int8 head) give the dequantized model's logits."""
+    from rapidlm.compress.kernels.int4_cpu import Int4Linear, int4_kernel_available
+    from rapidlm.compress.kernels.int8_cpu import Int8Linear
+
+    if not int4_kernel_available():
+        pytest.skip("no int4 CPU kernel")
+    ref = tiny_hf_model("LlamaForCausalLM", tie_word_embeddings=True)
+    qtypes = {f"attn_{x}.weight": "Q8_0" for x in ("q", "k", "v")}
+    qtypes.update({"attn_output.weight": "Q4_0", "ffn_gate.weight": "Q4_1", "ffn_up.weight": "Q4_1"})
+    qtypes.update({"ffn_down.weight": "Q4_0", "token_embd.weight": "Q8_0"})
+    path = write_gguf_from_hf(ref, tmp_path / "mixed.gguf", qtypes=qtypes)
+    exact = load_model(path, dtype=torch.float32, with_tokenizer=False, native=False)
+    native = load_model(path, dtype=torch.float32, with_tokenizer=False, native=True)
+    m = native.model
+    assert isinstance(m.layers[0].attn.wqkv, Int8Linear) and isinstance(m.layers[0].mlp.w_down, Int4Linear)
+    assert isinstance(m.lm_head, Int8Linear)
+    ids = list(range(300, 340))
+    expected, got = logits(exact.model, ids), logits(m, ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
