@@ -9,13 +9,15 @@ the tied head 49152x576) and batch M it prints ms per call (median over many cal
 * bf16 packed: rapidlm.runtime.cpu_linear.PackedLinear (oneDNN, weight pre-packed), bf16 x, today's path;
 * i8pack_mm: torch.ops.aten._weight_int8pack_mm (per-row scales), bf16 x;
 * fp32 linear: F.linear with fp32 weight and x;
-and GB/s = weight bytes (int8 codes + fp32 scales) / time of the int8 g32 column.
+and GB/s = weight bytes (int8 codes + fp32 scales) / time of the int8 g32 column. Each figure is the median of
+many calls in each of 5 interleaved rounds, best round.
 
 Cache state: decode reads every weight of the model once per token (hundreds of MiB, far more than the L3), so by
 default every method cycles through enough copies of its weights (>= --working-set MiB) that each call streams
 its weight from DRAM. --hot reuses one copy instead (small matrices then sit in L2/L3: an optimistic bound).
 The methods are timed in interleaved rounds so that drifts of a shared machine hit all of them alike.
-The last table times the batch sizes around the kernel's switch to dequantize + at::linear (SMALL_M_MAX).
+The last table times large batches (prefill): the kernel, dequantize + at::linear (which gemm switches to for bf16
+x above SMALL_M_MAX rows) and bf16 PackedLinear.
 """
 
 from __future__ import annotations
@@ -86,8 +88,10 @@ def make_methods(n: int, k: int, working_set: int, hot: bool) -> dict[str, tuple
 
 
 def time_methods(methods: dict[str, tuple[list[Callable], torch.dtype]], m: int, k: int, budget_s: float) -> dict:
+    """ms per call: in each of 5 interleaved rounds the median of many calls, then the best round (a shared VM
+    has spells, seconds long, when every call of every method is several ms slower)."""
     xs = {dt: torch.randn(m, k).to(dt) for dt in (torch.float32, torch.bfloat16)}
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    best = dict.fromkeys(methods, float("inf"))
     counters = dict.fromkeys(methods, 0)
     for fns, dt in methods.values():  # warm up (and first-touch every copy)
         for f in fns:
@@ -95,45 +99,46 @@ def time_methods(methods: dict[str, tuple[list[Callable], torch.dtype]], m: int,
     rounds = 5
     for _ in range(rounds):
         for name, (fns, dt) in methods.items():
-            x = xs[dt]
+            x, times = xs[dt], []
             start = time.perf_counter()
-            while time.perf_counter() - start < budget_s / rounds / len(methods) or len(times[name]) < 5:
+            while time.perf_counter() - start < budget_s / rounds / len(methods) or not times:
                 f = fns[counters[name] % len(fns)]
                 counters[name] += 1
                 a = time.perf_counter()
                 f(x)
-                times[name].append(time.perf_counter() - a)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+                times.append(time.perf_counter() - a)
+            best[name] = min(best[name], statistics.median(times) * 1e3)
+    return best
 
 
 def crossover(threads: int, working_set: int, hot: bool, budget_s: float) -> None:
     print(
-        "\nSmall-M kernel vs dequantize + at::linear (bf16 x, group 32; ms per call). gemm switches at "
-        f"M > {int8_cpu.SMALL_M_MAX}."
+        "\nLarge batches (prefill), bf16 x, group 32, ms per call: the kernel, dequantize + at::linear (what gemm "
+        f"runs for bf16 x above M = {int8_cpu.SMALL_M_MAX}), bf16 PackedLinear."
     )
     print(f"{'N x K':>11} {'M':>4} {'kernel':>9} {'dequant+mm':>11} {'bf16 packed':>12}")
     g = torch.Generator().manual_seed(1)
-    for n, k in [(3072, 576), (49152, 576)]:
+    for (n, k), ms in [((3072, 576), (16, 64, 256, 512, 2048)), ((49152, 576), (16, 64, 256, 512))]:
         c8 = copies_for(n * k, working_set, hot)
         lins = [Int8Linear(int8_weight(n, k, 32, g)) for _ in range(c8)]
         c16 = copies_for(2 * n * k, working_set, hot)
         packed = [PackedLinear(nn.Linear(k, n, bias=False).to(torch.bfloat16)) for _ in range(c16)]
 
-        def direct(x, lin):  # noqa: ANN001, ANN202
+        def kernel(x, lin):  # noqa: ANN001, ANN202
             return torch.ops.rapidlm_int8.gemm_small(x, lin.packed, lin.packed_scale, lin.out_features, 32)
 
         def dequant(x, lin):  # noqa: ANN001, ANN202
-            w = torch.ops.rapidlm_int8.dequantize(lin.packed, lin.packed_scale, lin.out_features, 32, x.dtype)
-            return F.linear(x, w)
+            return torch.ops.rapidlm_int8.dequantize_matmul(x, lin.packed, lin.packed_scale, lin.out_features, 32)
 
-        for m in (8, 16, 24, 32, 64, 128):
+        for m in ms:
             methods = {
-                "kernel": ([lambda x, lin=lin: direct(x, lin) for lin in lins], torch.bfloat16),
+                "kernel": ([lambda x, lin=lin: kernel(x, lin) for lin in lins], torch.bfloat16),
                 "dequant": ([lambda x, lin=lin: dequant(x, lin) for lin in lins], torch.bfloat16),
                 "packed": (packed, torch.bfloat16),
             }
-            r = time_methods(methods, m, k, budget_s)
-            print(f"{n:>5} x {k:<4} {m:>4} {r['kernel']:>9.3f} {r['dequant']:>11.3f} {r['packed']:>12.3f}")
+            r = time_methods(methods, m, k, budget_s * 2)
+            print(f"{n:>5} x {k:<4} {m:>4} {r['kernel']:>9.3f} {r['dequant']:>11.3f} {r['packed']:>12.3f}", flush=True)
+        del lins, packed
 
 
 def main() -> None:

@@ -3,8 +3,9 @@
 Tolerances (the kernel accumulates in fp32):
 * fp32 x: |y - ref| <= 1e-5 * max|ref|, ref = F.linear in fp64 on the dequantized weight.
 * bf16 x, M <= SMALL_M_MAX: ref = F.linear in fp64 on the bf16 x; the only rounding that matters is the bf16
-  output's, so elementwise |y - ref| <= 2^-8 |ref| (+ 1e-5 * max|ref| for fp32 summation).
-* bf16 x, larger M: the dequantize + oneDNN path uses bf16 weights: |y - ref| <= 1e-2 * max|ref|.
+  output's (<= 2^-9 relative), so elementwise |y - ref| <= 2^-8 |ref| + 1e-4 * max|ref| (the second term for
+  outputs near zero, where fp32 summation error is not small relative to the output itself).
+* bf16 x, M > SMALL_M_MAX: the dequantize + oneDNN path uses bf16 weights: |y - ref| <= 1e-2 * max|ref|.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from rapidlm.compress.kernels.int8_cpu import (
     unpack_int8,
 )
 
-needs_kernel = pytest.mark.skipif(not int8_kernel_available(), reason="int8 CPU kernel did not build here")
+needs_kernel = pytest.mark.skipif(
+    not int8_kernel_available(), reason="int8 CPU kernel unavailable (no compiler, or RAPIDLM_INT8_KERNEL=0)"
+)
 
 
 def random_int8(n: int, k: int, group: int, seed: int = 0) -> Int8Weight:
@@ -51,8 +54,8 @@ def assert_close_to_reference(got: torch.Tensor, x: torch.Tensor, w: Int8Weight,
     if x.dtype == torch.float32:
         assert err.max() <= 1e-5 * scale, f"max error {err.max() / scale:.2e} of the output scale"
     elif m <= SMALL_M_MAX:
-        bound = 2.0**-8 * ref.abs() + 1e-5 * scale
-        assert (err <= bound).all(), f"max error {(err / (ref.abs() + 1e-5 * scale)).max():.2e} relative"
+        bound = 2.0**-8 * ref.abs() + 1e-4 * scale
+        assert (err <= bound).all(), f"max error {(err / bound).max():.2f} x the bound"
     else:
         assert err.max() <= 1e-2 * scale, f"max error {err.max() / scale:.2e} of the output scale"
 
@@ -61,7 +64,7 @@ SHAPES = [(7, 96, 32), (13, 40, 40), (96, 576, 32), (40, 576, 576), (20, 42, 7)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 8, 37])
+@pytest.mark.parametrize("m", [1, 3, 8, 37, SMALL_M_MAX + 44])
 @pytest.mark.parametrize("n,k,group", SHAPES)
 def test_int8_linear_matches_dequantized_matmul(n, k, group, m, dtype):
     w = random_int8(n, k, group, seed=n * k + m)
@@ -91,14 +94,14 @@ def test_3d_input_with_bias(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [32, 576])
 def test_small_m_kernel_at_any_batch(group, dtype):
-    """The direct kernel (what M <= SMALL_M_MAX runs) past SMALL_M_MAX too: tiles of 8 rows plus a remainder."""
+    """The kernel (what M <= SMALL_M_MAX runs) past SMALL_M_MAX too: tiles of 8 rows plus a remainder."""
     w = random_int8(50, 576, group, seed=7)
     packed, packed_scale = pack_int8(w)
-    x = torch.randn(37, 576).to(dtype)
+    x = torch.randn(SMALL_M_MAX + 5, 576).to(dtype)
     y = torch.ops.rapidlm_int8.gemm_small(x, packed, packed_scale, 50, group)
     ref = reference(x, w, None)
     err = (y.double() - ref).abs()
-    tol = 1e-5 * ref.abs().max() + (0 if dtype == torch.float32 else 2.0**-8 * ref.abs())
+    tol = 1e-5 * ref.abs().max() if dtype == torch.float32 else 2.0**-8 * ref.abs() + 1e-4 * ref.abs().max()
     assert (err <= tol).all()
 
 
@@ -119,7 +122,7 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 5, 37])
+@pytest.mark.parametrize("m", [1, 5, 37, SMALL_M_MAX + 1])
 def test_fallback_gives_the_kernel_results(monkeypatch, m, dtype):
     w, bias = random_int8(21, 96, 32, seed=11), torch.randn(21)
     wc = random_int8(21, 96, 96, seed=12)

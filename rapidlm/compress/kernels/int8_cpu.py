@@ -8,8 +8,8 @@ Decoding a token is bound by the weight bytes it reads, and int8 reads half of b
 (`int8_gemv.cpp`, built on first use with `torch.utils.cpp_extension.load` and cached) streams the codes in a
 layout packed once at load (`pack_int8`: 16 output rows x 2 inputs per 32 bytes), widens them in registers and
 multiplies each into every row of x (bf16 x: exact bf16 dot products; fp32 x: fp32 FMAs), accumulating in fp32.
-Batches above SMALL_M_MAX rows (prefill) dequantize to x's dtype and call `at::linear`, faster there. It is the
-C++ op `rapidlm_int8::gemm`, so `torch.compile` calls it as an opaque op with no Python in between.
+bf16 batches above SMALL_M_MAX rows (long prefills) dequantize to bf16 and call `at::linear`, a little faster
+there. It is the C++ op `rapidlm_int8::gemm`, so `torch.compile` calls it as an opaque op with no Python between.
 
 Without a working compiler (or with RAPIDLM_INT8_KERNEL=0 in the environment) the same results come from plain
 torch ops (one RuntimeWarning says so): `_weight_int8pack_mm` for per-channel weights, else dequantize + matmul.
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 _SOURCE = Path(__file__).with_name("int8_gemv.cpp")
-SMALL_M_MAX = 16  # batches above this dequantize + matmul (kSmallMMax in the C++ source; same in the fallback)
+# bf16 batches above this many rows dequantize + matmul (kKernelMaxMBf16 in the C++ source; same in the fallback)
+SMALL_M_MAX = 512
 BLOCK_ROWS = 16  # output rows per packed block (RB in the C++ source)
 
 # Set to True (or RAPIDLM_INT8_KERNEL=0 in the environment) to run the pure-torch path even where the kernel builds.
@@ -124,6 +125,10 @@ def _register_fakes() -> None:
     def _(x, packed, packed_scale, out_features, group_size):  # noqa: ANN001, ANN202
         return x.new_empty((x.shape[0], out_features))
 
+    @torch.library.register_fake("rapidlm_int8::dequantize_matmul")
+    def _(x, packed, packed_scale, out_features, group_size):  # noqa: ANN001, ANN202
+        return x.new_empty((x.shape[0], out_features))
+
     @torch.library.register_fake("rapidlm_int8::dequantize")
     def _(packed, packed_scale, out_features, group_size, dtype):  # noqa: ANN001, ANN202
         return packed.new_empty((out_features, packed.shape[1] * 2), dtype=dtype)
@@ -153,7 +158,10 @@ def load_kernel(verbose: bool = False) -> bool:
                 is_python_module=False,
                 verbose=verbose,
             )
-            _register_fakes()
+            try:
+                _register_fakes()
+            except RuntimeError:  # registered already: this module was re-imported (importlib.reload)
+                pass
             _kernel_ready = True
         except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback
             warnings.warn(
@@ -213,8 +221,8 @@ def _pad_odd_groups(weight: Int8Weight) -> Int8Weight:
 
 
 def int8_linear_reference(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) with plain torch ops: fp32 accumulation up to SMALL_M_MAX rows (as the kernel),
-    bf16 weights for larger bf16 batches (as the kernel's dequantize path)."""
+    """y = x @ W^T (+ bias) with plain torch ops: fp32 accumulation (as the kernel), except bf16 batches above
+    SMALL_M_MAX rows, which use bf16 weights (as the kernel's dequantize path)."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if x2.dtype == torch.bfloat16 and x2.shape[0] > SMALL_M_MAX:

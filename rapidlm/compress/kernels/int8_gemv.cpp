@@ -11,13 +11,14 @@
 //     packed_scale[b][g][r] = scale[16 b + r][g]            (N/16, G, 16) fp32
 // so a block is one sequential 16*K-byte stream, and one 32-byte load feeds 16 rows x 2 inputs of an
 // outer-product update: the x values are broadcast, never re-loaded per row, and each widened weight vector is
-// multiplied into every row of x (up to MT_MAX per pass) while it is in a register.
+// multiplied into every row of x (up to kMtMax per pass) while it is in a register.
 //   * bf16 x on AVX512-BF16: codes -> bf16 (exact, |q| <= 128) and vdpbf16ps with the broadcast x pair: exact
 //     products accumulated in fp32 (per group), then times the 16 rows' group scales (one vector) into totals.
 //   * fp32 x (and bf16 x elsewhere, widened once): codes -> fp32, times the group scale of each lane's row, and
 //     FMAs with the broadcast pair (x[2j], x[2j+1]); the two halves of each lane pair are added at the end.
-// Decode (M = 1) reads each weight byte once, as fast as memory streams. Large M (prefill) is compute-bound:
-// `gemm` then dequantizes to x's dtype and calls at::linear (oneDNN / MKL), faster there.
+// Decode (M = 1) reads each weight byte once, as fast as memory streams. When several tiles of x's rows pass over
+// a block (M > kMtMax, bf16), the block is widened to bf16 once into an L1 buffer. For large bf16 batches
+// (M > kKernelMaxMBf16, prefill) `gemm` dequantizes a few MiB of rows at a time and calls at::linear (oneDNN).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -49,7 +50,6 @@ constexpr int RB = 16;  // output rows per packed block
 #if defined(__AVX512F__)
 struct Simd {
   static constexpr int W = 16;
-  static constexpr int MT_MAX = 8;  // rows of x per pass (accumulators: 2 * MT zmm of 32)
   static constexpr const char* name = "avx512";
   using V = __m512;
   static inline V zero() { return _mm512_setzero_ps(); }
@@ -76,7 +76,6 @@ struct Simd {
 #elif defined(__AVX2__) && defined(__FMA__)
 struct Simd {
   static constexpr int W = 8;
-  static constexpr int MT_MAX = 2;  // 16 ymm: 4 * MT accumulators + 4 weights + 4 scales
   static constexpr const char* name = "avx2";
   using V = __m256;
   static inline V zero() { return _mm256_setzero_ps(); }
@@ -101,10 +100,11 @@ struct Simd {
 };
 #endif
 
+// Rows of x per pass over a block (the accumulators must fit the vector registers).
 #ifdef __AVX512F__
-constexpr int kMtMax = 8;
+constexpr int kMtMax = 8;  // 32 zmm: fp32 path 2 * MT accumulators, bf16 path 2 * MT (+ 2 more at MT <= 3)
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kMtMax = 2;
+constexpr int kMtMax = 2;  // 16 ymm: 4 * MT accumulators + 4 weights + 4 scales
 #else
 constexpr int kMtMax = 4;
 #endif
@@ -120,17 +120,32 @@ inline void block_f32(const int8_t* __restrict p, const float* __restrict sp, co
                       int64_t G, int64_t gs_runtime, float out[][RB]) {
   using V = Simd::V;
   constexpr int W = Simd::W;
-  constexpr int H = 2 * RB / W;                             // vectors per input pair
+  constexpr int H = 2 * RB / W;  // vectors per input pair
+  // Per-group scales: either each weight vector is multiplied by its lanes' scales before the MT FMAs
+  // (PRESCALE: fewest registers, best from MT = 3), or partial sums per group are scaled into totals (fewer
+  // instructions per weight: M = 1 on the 49152x576 head measured 1.27 -> ~1.0 ms with this).
+  constexpr bool PRESCALE = GS >= 0 && (MT > 2 || H > 2);
+  constexpr bool TOTALS = GS >= 0 && !PRESCALE;
   constexpr int U = MT == 1 ? (H == 2 ? 4 : 2) : (MT == 2 && H == 2 ? 2 : 1);  // accumulator sets (FMA latency)
   const int64_t gs = GS > 0 ? GS : (GS < 0 ? K : gs_runtime);
   const int64_t pairs = gs / 2;
   V acc[U][H][MT];
+  V tot[TOTALS ? H : 1][TOTALS ? MT : 1];
+  auto zero_acc = [&]() __attribute__((always_inline)) {
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h)
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) acc[u][h][m] = Simd::zero();
+  };
+  zero_acc();
+  if constexpr (TOTALS) {
 #pragma GCC unroll 4
     for (int h = 0; h < H; ++h)
 #pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) acc[u][h][m] = Simd::zero();
+      for (int m = 0; m < MT; ++m) tot[h][m] = Simd::zero();
+  }
   V sv[H];
   for (int64_t g = 0; g < G; ++g) {
     if constexpr (GS >= 0) Simd::dup_scales(sp + g * RB, sv);
@@ -140,7 +155,7 @@ inline void block_f32(const int8_t* __restrict p, const float* __restrict sp, co
 #pragma GCC unroll 4
       for (int h = 0; h < H; ++h) {
         w[h] = Simd::load_q(p + j * 2 * RB + h * W);
-        if constexpr (GS >= 0) w[h] = Simd::mul(w[h], sv[h]);
+        if constexpr (PRESCALE) w[h] = Simd::mul(w[h], sv[h]);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) {
@@ -155,15 +170,32 @@ inline void block_f32(const int8_t* __restrict p, const float* __restrict sp, co
       for (int u = 0; u < U; ++u) step(j + u, acc[u]);
     }
     for (; j < j1; ++j) step(j, acc[0]);
+    if constexpr (TOTALS) {
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h)
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) {
+          V a = acc[0][h][m];
+#pragma GCC unroll 4
+          for (int u = 1; u < U; ++u) a = Simd::add(a, acc[u][h][m]);
+          tot[h][m] = Simd::fma(a, sv[h], tot[h][m]);
+        }
+      zero_acc();
+    }
   }
   alignas(64) float buf[2 * RB];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) {
 #pragma GCC unroll 4
     for (int h = 0; h < H; ++h) {
-      V a = acc[0][h][m];
+      V a;
+      if constexpr (TOTALS) {
+        a = tot[h][m];
+      } else {
+        a = acc[0][h][m];
 #pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) a = Simd::add(a, acc[u][h][m]);
+        for (int u = 1; u < U; ++u) a = Simd::add(a, acc[u][h][m]);
+      }
       Simd::store(buf + h * W, a);
     }
     for (int r = 0; r < RB; ++r) {
@@ -175,7 +207,21 @@ inline void block_f32(const int8_t* __restrict p, const float* __restrict sp, co
 #endif
 
 #ifdef RAPIDLM_BF16_DOT
-template <int MT, int GS>
+inline __m512bh codes_to_bf16(const int8_t* p) {  // 32 codes -> 32 bf16, exact (|q| <= 128)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // element i from code i
+}
+
+// A block's codes widened to bf16 once (RB * K values, same order), when several tiles of x's rows will pass
+// over it: saves re-widening per tile (~25% of the instructions at M = 64).
+inline void block_to_bf16(const int8_t* p, int64_t K, uint16_t* wb) {
+  for (int64_t j = 0; j < K / 2; ++j) _mm512_storeu_si512(wb + j * 2 * RB, (__m512i)codes_to_bf16(p + j * 2 * RB));
+}
+
+// PRE: p points at block_to_bf16's output instead of the int8 codes.
+template <int MT, int GS, bool PRE>
 inline void block_bf16(const int8_t* __restrict p, const float* __restrict sp, const uint16_t* __restrict x,
                        int64_t K, int64_t G, int64_t gs_runtime, float out[][RB]) {
   constexpr int U = MT == 1 ? 4 : (MT <= 3 ? 2 : 1);  // accumulator sets: vdpbf16ps latency
@@ -192,10 +238,9 @@ inline void block_bf16(const int8_t* __restrict p, const float* __restrict sp, c
       for (int m = 0; m < MT; ++m) acc[u][m] = _mm512_setzero_ps();
     const int64_t j0 = g * pairs, j1 = j0 + pairs;
     auto step = [&](int64_t j, __m512(&a)[MT]) __attribute__((always_inline)) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * 2 * RB));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-      const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // bf16 i: code i (exact); lane r: row r's pair
+      // bf16 element i = code i: lane r holds row r's pair (2j, 2j+1)
+      const __m512bh w = PRE ? (__m512bh)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(p) + j * 2 * RB)
+                             : codes_to_bf16(p + j * 2 * RB);
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) {
         uint32_t xp;
@@ -261,15 +306,15 @@ void block_scalar(int mt, const int8_t* p, const float* sp, const X* x, int64_t 
 // Driver: blocks of rows over threads; tiles of x's rows inside a block (the block's codes stay in L1/L2 while
 // every tile passes over them, so the weight is read from memory once whatever M is).
 
-template <typename X, int GS>
+template <typename X, int GS, bool PRE = false>
 inline void block_dispatch(int mt, const int8_t* p, const float* sp, const X* x, int64_t K, int64_t G, int64_t gs,
                            float out[][RB]) {
-  constexpr bool kBf16 = std::is_same_v<X, uint16_t>;
+  [[maybe_unused]] constexpr bool kBf16 = std::is_same_v<X, uint16_t>;
 #if defined(RAPIDLM_BF16_DOT) || defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   switch (mt) {
 #ifdef RAPIDLM_BF16_DOT
 #define RAPIDLM_BLOCK(MT)                                                          \
-  if constexpr (kBf16) block_bf16<MT, GS>(p, sp, x, K, G, gs, out);               \
+  if constexpr (kBf16) block_bf16<MT, GS, PRE>(p, sp, x, K, G, gs, out);          \
   else block_f32<MT, GS>(p, sp, reinterpret_cast<const float*>(x), K, G, gs, out);
 #else
 #define RAPIDLM_BLOCK(MT)                                                                        \
@@ -307,16 +352,38 @@ void run_small(const X* x, const int8_t* packed, const float* psc, const float* 
   const int64_t NB = (N + RB - 1) / RB, G = K / gs;
   // Give each thread at least ~64 KiB of codes (less for larger M): below that fork/join costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (RB * K * std::min<int64_t>(M, 4)));
+#ifdef RAPIDLM_BF16_DOT
+  constexpr bool kCanPre = std::is_same_v<X, uint16_t>;
+#else
+  constexpr bool kCanPre = false;
+#endif
+  const bool pre = kCanPre && M > kMtMax;
   at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
     float out[kMtMax][RB];
+    std::vector<uint16_t> wbuf(pre ? RB * K : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* p = packed + b * RB * K;
       const float* sp = psc + b * G * RB;
       const int64_t rows = std::min<int64_t>(RB, N - b * RB);
+#ifdef RAPIDLM_BF16_DOT
+      if (pre) {
+        block_to_bf16(p, K, wbuf.data());
+        p = reinterpret_cast<const int8_t*>(wbuf.data());
+      }
+#endif
       for (int64_t m0 = 0; m0 < M; m0 += kMtMax) {
         const int mt = static_cast<int>(std::min<int64_t>(kMtMax, M - m0));
         const X* xm = x + m0 * K;
-        if (gs == 32)
+        if (pre) {
+          if constexpr (kCanPre) {
+            if (gs == 32)
+              block_dispatch<X, 32, true>(mt, p, sp, xm, K, G, gs, out);
+            else if (G == 1)
+              block_dispatch<X, -1, true>(mt, p, sp, xm, K, G, gs, out);
+            else
+              block_dispatch<X, 0, true>(mt, p, sp, xm, K, G, gs, out);
+          }
+        } else if (gs == 32)
           block_dispatch<X, 32>(mt, p, sp, xm, K, G, gs, out);
         else if (G == 1)
           block_dispatch<X, -1>(mt, p, sp, xm, K, G, gs, out);
@@ -334,18 +401,31 @@ void run_small(const X* x, const int8_t* packed, const float* psc, const float* 
 
 template <typename w_t>
 void dequantize_into(const int8_t* packed, const float* psc, int64_t N, int64_t K, int64_t gs, w_t* w) {
-  const int64_t NB = (N + RB - 1) / RB, G = K / gs;
+  const int64_t NB = (N + RB - 1) / RB, G = K / gs, pairs = gs / 2;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float buf[2 * RB];  // one input pair of the block's 16 rows, dequantized: buf[2 r + e]
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* p = packed + b * RB * K;
       const float* sp = psc + b * G * RB;
       const int64_t rows = std::min<int64_t>(RB, N - b * RB);
-      for (int64_t r = 0; r < rows; ++r) {
-        w_t* wr = w + (b * RB + r) * K;
-        for (int64_t g = 0; g < G; ++g) {
-          const float s = sp[g * RB + r];
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k)
-            wr[k] = static_cast<w_t>(static_cast<float>(p[((k >> 1) * RB + r) * 2 + (k & 1)]) * s);
+      w_t* wb = w + b * RB * K;
+      for (int64_t g = 0; g < G; ++g) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+        Simd::V sv[2 * RB / Simd::W];
+        Simd::dup_scales(sp + g * RB, sv);
+#endif
+        for (int64_t j = g * pairs; j < (g + 1) * pairs; ++j) {
+          const int8_t* pj = p + j * 2 * RB;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+          for (int h = 0; h < 2 * RB / Simd::W; ++h)
+            Simd::store(buf + h * Simd::W, Simd::mul(Simd::load_q(pj + h * Simd::W), sv[h]));
+#else
+          for (int i = 0; i < 2 * RB; ++i) buf[i] = static_cast<float>(pj[i]) * sp[g * RB + i / 2];
+#endif
+          for (int64_t r = 0; r < rows; ++r) {
+            wb[r * K + 2 * j] = static_cast<w_t>(buf[2 * r]);
+            wb[r * K + 2 * j + 1] = static_cast<w_t>(buf[2 * r + 1]);
+          }
         }
       }
     }
@@ -381,8 +461,11 @@ void check_x(const at::Tensor& x, int64_t K) {
               "rapidlm_int8: x must be fp32 or bf16, got ", x.scalar_type());
 }
 
-// Batches above this many rows dequantize + at::linear (crossover measured with benchmarks/int8_kernel.py).
-constexpr int64_t kSmallMMax = 16;
+// bf16 batches above this many rows dequantize + at::linear (oneDNN). Measured on 49152x576, 3072x576, 576x1536
+// and 576x576 (2 Zen4 threads): the kernel is ahead up to M ~ 256, they are about equal at 512, and dequantize +
+// oneDNN is 0-10% faster from 1024. fp32 batches always run the kernel: MKL's fp32 GEMM on the dequantized
+// weight was never faster (M <= 1024).
+constexpr int64_t kKernelMaxMBf16 = 512;
 
 at::Tensor small_m(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& psc, int64_t N, int64_t gs,
                    const float* bias) {
@@ -423,6 +506,32 @@ at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& psc, int64_t N
   return w;
 }
 
+// Large M: dequantize a few MiB of rows at a time into one reused buffer (in x's dtype) and at::linear them.
+// Chunks, not the whole matrix: a 56 MiB bf16 head would be a fresh mmap on every call, and its page faults
+// alone cost ~20 ms here; a chunk stays in the cache between being written and being read.
+at::Tensor dequantize_matmul(const at::Tensor& x2, const at::Tensor& packed, const at::Tensor& psc, int64_t N,
+                             int64_t gs) {
+  const int64_t M = x2.size(0), K = x2.size(1), G = K / gs;
+  const int64_t chunk = std::max<int64_t>(RB, (int64_t{4} << 20) / (K * x2.element_size()) / RB * RB);
+  at::Tensor y = at::empty({M, N}, x2.options());
+  at::Tensor wbuf = at::empty({std::min(chunk, N), K}, x2.options());
+  const int8_t* p = packed.data_ptr<int8_t>();
+  const float* s = psc.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t rows = std::min(chunk, N - n0);
+    at::Tensor wc = wbuf.narrow(0, 0, rows);
+    const int8_t* pc = p + n0 * K;  // n0 is a multiple of RB: block n0 / RB
+    const float* sc = s + n0 / RB * G * RB;
+    if (x2.scalar_type() == at::kFloat)
+      dequantize_into(pc, sc, rows, K, gs, wc.data_ptr<float>());
+    else
+      dequantize_into(pc, sc, rows, K, gs, wc.data_ptr<c10::BFloat16>());
+    if (rows == N) return at::linear(x2, wc);
+    y.narrow(1, n0, rows).copy_(at::linear(x2, wc));
+  }
+  return y;
+}
+
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& psc, int64_t N, int64_t group_size,
                 const c10::optional<at::Tensor>& bias) {
   const auto [NB, K] = check_packed(packed, psc, N, group_size);
@@ -438,21 +547,30 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   out_shape.back() = N;
   const int64_t M = x.numel() / K;
   const at::Tensor x2 = x.reshape({M, K});
-  if (M > kSmallMMax) {
-    at::Tensor y = at::linear(x2, dequantize(packed, psc, N, group_size, x.scalar_type()));
+  if (x.scalar_type() == at::kBFloat16 && M > kKernelMaxMBf16) {
+    at::Tensor y = dequantize_matmul(x2, packed, psc, N, group_size);
     if (bias_ptr) y.add_(bias_f);
     return y.view(out_shape);
   }
   return small_m(x2, packed, psc, N, group_size, bias_ptr).view(out_shape);
 }
 
-// The small-M kernel at any M (never the dequantize path): for tests and for measuring the crossover.
+// The kernel at any M (never the dequantize path): for tests and for measuring the crossover.
 at::Tensor gemm_small(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& psc, int64_t N,
                       int64_t group_size) {
   const auto [NB, K] = check_packed(packed, psc, N, group_size);
   check_x(x, K);
   TORCH_CHECK(x.dim() == 2, "rapidlm_int8::gemm_small: x must be (M, K)");
   return small_m(x, packed, psc, N, group_size, nullptr);
+}
+
+// The large-M path at any M: for measuring the crossover.
+at::Tensor dequantize_matmul_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& psc, int64_t N,
+                                int64_t group_size) {
+  const auto [NB, K] = check_packed(packed, psc, N, group_size);
+  check_x(x, K);
+  TORCH_CHECK(x.dim() == 2, "rapidlm_int8::dequantize_matmul: x must be (M, K)");
+  return dequantize_matmul(x, packed, psc, N, group_size);
 }
 
 std::string simd_name() {
@@ -472,6 +590,7 @@ std::string simd_name() {
 TORCH_LIBRARY(rapidlm_int8, m) {
   m.def("gemm(Tensor x, Tensor packed, Tensor packed_scale, int out_features, int group_size, Tensor? bias) -> Tensor");
   m.def("gemm_small(Tensor x, Tensor packed, Tensor packed_scale, int out_features, int group_size) -> Tensor");
+  m.def("dequantize_matmul(Tensor x, Tensor packed, Tensor packed_scale, int out_features, int group_size) -> Tensor");
   m.def("dequantize(Tensor packed, Tensor packed_scale, int out_features, int group_size, ScalarType dtype) -> Tensor");
   m.def("simd() -> str", &simd_name);
 }
@@ -480,4 +599,5 @@ TORCH_LIBRARY_IMPL(rapidlm_int8, CPU, m) {
   m.impl("gemm", &gemm);
   m.impl("gemm_small", &gemm_small);
   m.impl("dequantize", &dequantize);
+  m.impl("dequantize_matmul", &dequantize_matmul_op);
 }
