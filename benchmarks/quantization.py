@@ -66,10 +66,13 @@ def checks(result: dict) -> list[str]:
         kv = 100 * (rows["native+kv-int8"]["perplexity"] / rows["native"]["perplexity"] - 1)
         out.append(f"KV-cache int8: Δppl {kv:+.3f}% against the same weights with an fp32 cache (≤ +0.5%)")
     if {"w8a8", "int8"} <= rows.keys():
-        out.append(
-            f"W8A8 dynamic: Δppl {dppl('w8a8'):+.2f}% (≤ +2%); batch 8 {rate('w8a8', '8'):.1f} vs "
-            f"{rate('int8', '8'):.1f} tok/s int8 weight-only = {rate('w8a8', '8') / rate('int8', '8'):.2f}x"
+        speed = ", ".join(
+            f"batch {b}: {rate('w8a8', b):.1f} vs {rate('int8', b):.1f} tok/s = "
+            f"{rate('w8a8', b) / rate('int8', b):.2f}x"
+            for b in rows["w8a8"]["decode_tok_s"]
+            if b != "1"
         )
+        out.append(f"W8A8 dynamic: Δppl {dppl('w8a8'):+.2f}% (≤ +2%); against int8 weight-only, {speed}")
     if "llama.cpp" in rows:
         ll = rows["llama.cpp"]
         int4 = [lbl for lbl in rows if lbl.startswith(("native", "int4")) and "kv-int8" not in lbl]
@@ -122,6 +125,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/wikitext-2/valid.txt"))
     p.add_argument("--windows", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
     p.add_argument("--llama-cpp-python", default=str(ROOT / ".bench-venv/bin/python"))
     p.add_argument("--json", type=Path, default=ROOT / "docs/quantization.json")
     p.add_argument("--plot", type=Path, default=ROOT / "docs/quantization.png")
@@ -132,7 +136,13 @@ def main() -> None:
         print("llama-cpp-python not found (run `make bench-setup`): llama.cpp row skipped", file=sys.stderr)
     start = time.perf_counter()
     result = compare(
-        args.model, args.variants, args.data, windows=args.windows, threads=args.threads, llama_cpp_python=llama
+        args.model,
+        args.variants,
+        args.data,
+        windows=args.windows,
+        batches=tuple(args.batch),
+        threads=args.threads,
+        llama_cpp_python=llama,
     )
     wall = time.perf_counter() - start
     command = "python benchmarks/quantization.py " + " ".join(sys.argv[1:])
