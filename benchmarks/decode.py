@@ -519,14 +519,14 @@ SECTION_START = "<!-- benchmarks/decode.py: start -->"
 SECTION_END = "<!-- benchmarks/decode.py: end -->"
 
 
-def write_section(path: Path, report: str) -> None:
-    """Replace this script's section of the file (between its markers), keeping what other benchmarks wrote."""
-    block = f"{SECTION_START}\n{report.rstrip()}\n{SECTION_END}\n\n"
+def write_section(path: Path, report: str, start: str = SECTION_START, end: str = SECTION_END) -> None:
+    """Replace a script's section of the file (between its markers), keeping what other benchmarks wrote."""
+    block = f"{start}\n{report.rstrip()}\n{end}\n\n"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + block + rest.split(SECTION_END, 1)[1].lstrip("\n")
-    elif text.startswith("# Benchmarks\n") and "## Prefill and decode" in text:
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    elif start == SECTION_START and text.startswith("# Benchmarks\n") and "## Prefill and decode" in text:
         text = "# Benchmarks\n\n" + block  # a report from before the markers: replace it whole
     else:
         text = text.rstrip() + "\n\n" + block

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.decode import write_section  # noqa: E402 - same marker convention, this script's markers
 from rapidlm.eval.compare import compare, plot, table  # noqa: E402
 
 DEFAULT_VARIANTS = [
@@ -107,17 +108,6 @@ def render(result: dict, command: str, wall_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, report: str) -> None:
-    block = f"{SECTION_START}\n{report.rstrip()}\n{SECTION_END}\n\n"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + block + rest.split(SECTION_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -152,7 +142,7 @@ def main() -> None:
     plot(result, args.plot)
     report += f"\n![perplexity vs decode speed]({args.plot.name})\n"
     if args.write:
-        write_section(args.write, report)
+        write_section(args.write, report, SECTION_START, SECTION_END)
     print(f"wrote {args.json}, {args.plot}" + (f", {args.write}" if args.write else ""), file=sys.stderr)
 
 

@@ -85,7 +85,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     from rapidlm.compress.saved import save_compressed
     from rapidlm.eval.perplexity import perplexity
     from rapidlm.llm import LLM
-    from rapidlm.loading.loader import resolve_model
+    from rapidlm.loading.loader import describe_model, resolve_model
     from rapidlm.runtime.device import resolve_device, resolve_dtype, set_threads
 
     v = Variant.parse(spec["variant"])
@@ -100,7 +100,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         if step is None or isinstance(step, (Native, KVCacheInt8, Dequantized)):
             llm = LLM(spec["model"], device="cpu", dtype=v.dtype, quantization=recipe, compile=v.compile)
             if isinstance(step, Dequantized):  # an unquantized checkpoint stores 2 bytes per parameter (bf16)
-                disk = 2 * sum(p.numel() for p in llm.runner.model.parameters() if p.dtype.is_floating_point)
+                disk = 2 * describe_model(spec["model"]).num_params
                 disk_note = "as bf16 safetensors"
             else:
                 disk, disk_note = folder_bytes(source), "source file"

@@ -323,3 +323,13 @@ def test_kernel_builds_where_a_compiler_is_present():
     assert int4_cpu.load_kernel()
     assert torch.ops.rapidlm_int4.simd() != "scalar"
     assert torch.ops.rapidlm_int4.kernel_max_m_bf16() == SMALL_M_MAX
+
+
+def test_int4_rows_do_not_depend_on_the_batch_they_share():
+    """bf16 decode of a sequence alone or in a batch must give bit-identical outputs (batch == single)."""
+    layer = Int4Linear(random_int4(80, 128, 32, seed=3))
+    x = torch.randn(11, 128).to(torch.bfloat16)
+    with torch.inference_mode():
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(11)])
+    assert torch.equal(together, alone)

@@ -221,3 +221,16 @@ def test_kernel_builds_where_a_compiler_is_present():
         pytest.skip("RAPIDLM_INT8_KERNEL=0")
     assert int8_cpu.load_kernel()
     assert torch.ops.rapidlm_int8.simd() != "scalar"
+
+
+@pytest.mark.parametrize("group_size", [32, 96])
+def test_rows_do_not_depend_on_the_batch_they_share(group_size):
+    """bf16 decode of a sequence alone or in a batch must give bit-identical outputs (batch == single)."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(-128, 128, (80, 96), dtype=torch.int8, generator=g)
+    layer = Int8Linear(Int8Weight(q, torch.rand(80, 96 // group_size, generator=g) * 0.01, group_size))
+    x = torch.randn(11, 96, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(11)])
+    assert torch.equal(together, alone)

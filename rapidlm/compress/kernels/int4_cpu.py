@@ -23,9 +23,7 @@ that either, dequantize + matmul; one RuntimeWarning says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import threading
 import warnings
 from dataclasses import dataclass
@@ -34,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rapidlm.compress.kernels.build import build_and_load
 
 GROUP_SIZES = (32, 64, 128, 256)  # group sizes an Int4Weight may have (all run by both kernels)
 
@@ -105,22 +105,6 @@ class Int4Weight:
 # Building and loading the C++ op
 
 
-def _openmp_backend() -> bool:
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-def _extension_name() -> str:
-    """One build per CPU feature set: the code is compiled with -march=native, and a cache directory shared by
-    machines with different CPUs must not hand an AVX512 binary to an AVX2 machine."""
-    tag = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            tag += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        tag += platform.processor()
-    return "rapidlm_int4_" + hashlib.sha1(tag.encode()).hexdigest()[:10]
-
-
 def _register_fakes() -> None:
     @torch.library.register_fake("rapidlm_int4::gemm")
     def _(x, packed, scales_zeros, out_features, group_size, bias):  # noqa: ANN001, ANN202
@@ -149,20 +133,7 @@ def load_kernel(verbose: bool = False) -> bool:
         if _kernel_tried:
             return _kernel_ready
         try:
-            from torch.utils.cpp_extension import load
-
-            cflags = ["-O3", "-march=native"]
-            if _openmp_backend():
-                # at::parallel_for is inline OpenMP when ATen's backend is OpenMP. Only compile with -fopenmp:
-                # the GOMP symbols then resolve to the runtime torch has loaded, never a second one.
-                cflags.append("-fopenmp")
-            load(
-                name=_extension_name(),
-                sources=[str(_SOURCE)],
-                extra_cflags=cflags,
-                is_python_module=False,
-                verbose=verbose,
-            )
+            build_and_load("rapidlm_int4", _SOURCE, verbose)
             _register_fakes()
             _kernel_ready = True
         except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback

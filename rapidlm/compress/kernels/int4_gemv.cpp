@@ -49,8 +49,8 @@
 #define RAPIDLM_BF16_DOT 1
 #endif
 
-#ifndef RAPIDLM_INT4_U1
-#define RAPIDLM_INT4_U1 4
+#ifndef RAPIDLM_INT4_U
+#define RAPIDLM_INT4_U 2
 #endif
 
 namespace {
@@ -240,8 +240,9 @@ inline void block_f32(const uint8_t* __restrict p, const S* __restrict sp, const
 template <int MT, int GS, typename S>
 inline void block_bf16(const uint8_t* __restrict p, const S* __restrict sp, const uint16_t* __restrict x,
                        const float* __restrict xs, int64_t K, int64_t G, int64_t gs_runtime, float out[][RB]) {
-  // Accumulator sets: vdpbf16ps has a latency of ~6 cycles, so M = 1 needs 8 independent chains.
-  constexpr int U = MT == 1 ? RAPIDLM_INT4_U1 : (MT == 2 ? 4 : (MT <= 4 ? 2 : 1));
+  // Accumulator sets hide vdpbf16ps latency. U is the same for every MT so that a row's sum is added in the same
+  // order whatever the batch: a sequence decoded alone or in a batch gets bit-identical outputs.
+  constexpr int U = RAPIDLM_INT4_U;
   constexpr int CU = U > 4 ? U / 4 : 1;  // chunks per step (chunks per group is a multiple of 4)
   const int64_t gs = GS > 0 ? GS : gs_runtime;
   const int64_t chunks = gs / CHUNK_K;

@@ -224,7 +224,9 @@ inline void block_to_bf16(const int8_t* p, int64_t K, uint16_t* wb) {
 template <int MT, int GS, bool PRE>
 inline void block_bf16(const int8_t* __restrict p, const float* __restrict sp, const uint16_t* __restrict x,
                        int64_t K, int64_t G, int64_t gs_runtime, float out[][RB]) {
-  constexpr int U = MT == 1 ? 4 : (MT <= 3 ? 2 : 1);  // accumulator sets: vdpbf16ps latency
+  // Accumulator sets hide vdpbf16ps latency. U is the same for every MT so that a row's sum is added in the same
+  // order whatever the batch: a sequence decoded alone or in a batch gets bit-identical logits.
+  constexpr int U = 2;
   const int64_t gs = GS > 0 ? GS : (GS < 0 ? K : gs_runtime);
   const int64_t pairs = gs / 2;
   __m512 tot[MT];
@@ -477,8 +479,9 @@ at::Tensor small_m(const at::Tensor& x2, const at::Tensor& packed, const at::Ten
   if (x2.scalar_type() == at::kBFloat16) {
     auto* yp = y.data_ptr<c10::BFloat16>();
 #ifdef RAPIDLM_BF16_DOT
-    // M = 1 is bound by the weight bytes either way; bf16 dot products pay off from M = 2.
-    if (M > 1) {
+    // Every M takes the bf16 dot-product path (M = 1 too, where it is bound by the weight bytes either way): one
+    // arithmetic for all batch sizes, so a row's output does not depend on which other rows share its batch.
+    {
       const at::Tensor xc = x2.contiguous();
       run_small(reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()), p, s, bias, M, N, K, gs, yp);
       return y;

@@ -1,0 +1,40 @@
+"""Building rapidlm's C++ CPU kernels: one place for the compiler flags and the per-CPU cache name."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+
+import torch
+
+
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def extension_name(prefix: str) -> str:
+    """One build per CPU feature set: the code is compiled with -march=native, and a cache directory shared by
+    machines with different CPUs must not hand an AVX512 binary to an AVX2 machine."""
+    tag = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            tag += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        tag += platform.processor()
+    return f"{prefix}_" + hashlib.sha1(tag.encode()).hexdigest()[:10]
+
+
+def build_and_load(prefix: str, source: Path, verbose: bool = False) -> None:
+    """Compile `source` (first time on this machine; torch caches the build) and load its TORCH_LIBRARY ops.
+    Raises whatever the compiler or loader raises; callers fall back on failure."""
+    from torch.utils.cpp_extension import load
+
+    cflags = ["-O3", "-march=native"]
+    if _openmp_backend():
+        # at::parallel_for is inline OpenMP when ATen's backend is OpenMP. Only compile with -fopenmp: the GOMP
+        # symbols then resolve to the runtime torch has loaded, never a second one.
+        cflags.append("-fopenmp")
+    load(
+        name=extension_name(prefix), sources=[str(source)], extra_cflags=cflags, is_python_module=False, verbose=verbose
+    )
