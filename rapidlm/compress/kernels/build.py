@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,3 +40,24 @@ def build_and_load(prefix: str, source: Path, verbose: bool = False) -> None:
     load(
         name=extension_name(prefix), sources=[str(source)], extra_cflags=cflags, is_python_module=False, verbose=verbose
     )
+
+
+def try_build(
+    prefix: str, source: Path, register_fakes: Callable[[], None], fallback: str, verbose: bool = False
+) -> bool:
+    """build_and_load, then register the ops' fake kernels; on any failure warn once and return False."""
+    try:
+        build_and_load(prefix, source, verbose)
+        try:
+            register_fakes()
+        except RuntimeError:  # registered already: the kernel module was re-imported (importlib.reload)
+            pass
+        return True
+    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback
+        warnings.warn(
+            f"rapidlm: {prefix.removeprefix('rapidlm_')} CPU kernel unavailable "
+            f"({type(e).__name__}: {str(e)[:300]}); using {fallback} instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rapidlm.compress.kernels.build import build_and_load
+from rapidlm.compress.kernels.build import try_build
 
 GROUP_SIZES = (32, 64, 128, 256)  # group sizes an Int4Weight may have (all run by both kernels)
 
@@ -132,18 +132,9 @@ def load_kernel(verbose: bool = False) -> bool:
     with _lock:
         if _kernel_tried:
             return _kernel_ready
-        try:
-            build_and_load("rapidlm_int4", _SOURCE, verbose)
-            _register_fakes()
-            _kernel_ready = True
-        except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback
-            warnings.warn(
-                f"rapidlm: int4 CPU kernel unavailable ({type(e).__name__}: {str(e)[:300]}); "
-                "using PyTorch's int4 kernel (or dequantize + matmul) instead",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            _kernel_ready = False
+        _kernel_ready = try_build(
+            "rapidlm_int4", _SOURCE, _register_fakes, "PyTorch's int4 kernel (or dequantize + matmul)", verbose
+        )
         _kernel_tried = True
     return _kernel_ready
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rapidlm.compress.kernels.build import build_and_load
+from rapidlm.compress.kernels.build import try_build
 
 _SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 # bf16 batches above this many rows dequantize + matmul (kKernelMaxMBf16 in the C++ source; same in the fallback)
@@ -127,21 +126,7 @@ def load_kernel(verbose: bool = False) -> bool:
     with _lock:
         if _kernel_tried:
             return _kernel_ready
-        try:
-            build_and_load("rapidlm_int8", _SOURCE, verbose)
-            try:
-                _register_fakes()
-            except RuntimeError:  # registered already: this module was re-imported (importlib.reload)
-                pass
-            _kernel_ready = True
-        except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback
-            warnings.warn(
-                f"rapidlm: int8 CPU kernel unavailable ({type(e).__name__}: {str(e)[:300]}); "
-                "using dequantize + matmul instead",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            _kernel_ready = False
+        _kernel_ready = try_build("rapidlm_int8", _SOURCE, _register_fakes, "dequantize + matmul", verbose)
         _kernel_tried = True
     return _kernel_ready
 
