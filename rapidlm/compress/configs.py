@@ -12,6 +12,8 @@ from pathlib import Path
 from rapidlm.errors import ConfigError
 
 LM_HEAD_MODES = ("keep", "int8")  # the output head: left in the model dtype, or int8 per output channel
+# W8A8 may also run the head as W8A8 (int8 weights and per-token int8 activations): its largest matmul.
+W8A8_LM_HEAD_MODES = (*LM_HEAD_MODES, "w8a8")
 
 # WikiText-2 validation beside a source checkout (../shared/data), the project's calibration/evaluation text.
 # An installed package has no such file: then a recipe that calibrates must name its data.
@@ -113,15 +115,17 @@ class W8A8Dynamic:
 
     smoothquant_alpha: if set, migrate activation outliers into the weights first (Xiao et al., 2023):
     per input channel s = max|X|^alpha / max|W|^(1 - alpha), X / s folded into the preceding norm or linear.
+    lm_head: "w8a8" (default; the head is not smoothed: a tied head shares its matrix with the embedding),
+    "int8" (weight-only) or "keep".
     """
 
     smoothquant_alpha: float | None = None
-    lm_head: str = "keep"
+    lm_head: str = "w8a8"
 
     def __post_init__(self) -> None:
         if self.smoothquant_alpha is not None:
             _check_number("W8A8Dynamic", "smoothquant_alpha", self.smoothquant_alpha, 0.0, 1.0)
-        _check_choice("W8A8Dynamic", "lm_head", self.lm_head, LM_HEAD_MODES)
+        _check_choice("W8A8Dynamic", "lm_head", self.lm_head, W8A8_LM_HEAD_MODES)
 
     @property
     def needs_calibration(self) -> bool:

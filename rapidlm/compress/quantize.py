@@ -81,10 +81,11 @@ def _check_float_model(model: nn.Module, names: list[str]) -> None:
 
 
 def _head(model: nn.Module, mode: str, report: QuantizeReport) -> None:
-    if mode == "int8" and type(model.lm_head) is nn.Linear:
+    if mode in ("int8", "w8a8") and type(model.lm_head) is nn.Linear:
         w8 = int8_weight(model.lm_head.weight)
-        _swap(model, "lm_head", Int8Linear(w8, _bias(model.lm_head)))
-        report.record("lm_head", "int8", w8)
+        bias = _bias(model.lm_head)
+        _swap(model, "lm_head", Int8Linear(w8, bias) if mode == "int8" else W8A8Linear(w8.q, w8.scale[:, 0], bias))
+        report.record("lm_head", mode, w8)
         if model.cfg.tie_word_embeddings:
             # Tied weights stay tied: the embedding table becomes the int8 head's values too (as llama.cpp's
             # one Q8_0 token_embd serves both), so a saved model stores the matrix once, as int8.

@@ -186,8 +186,8 @@ def load_compressed(
         setattr(model.get_submodule(parent) if parent else model, child, _module(spec["kind"], spec, t, name))
     float_sd = {k: v for k, v in t.items() if k.rpartition(".")[0] not in manifest.get("modules", {})}
     if manifest.get("embedding_from_lm_head"):
-        if manifest.get("modules", {}).get("lm_head", {}).get("kind") != "int8":
-            raise ModelFormatError(f"{folder / MANIFEST}: embedding_from_lm_head needs an int8 lm_head")
+        if manifest.get("modules", {}).get("lm_head", {}).get("kind") not in ("int8", "w8a8"):
+            raise ModelFormatError(f"{folder / MANIFEST}: embedding_from_lm_head needs an int8 or w8a8 lm_head")
         head = Int8Weight(t["lm_head.codes"], t["lm_head.scale"].float(), manifest["modules"]["lm_head"]["group_size"])
         float_sd["embed.weight"] = head.dequantize()
     expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in manifest.get("modules", {})}

@@ -141,3 +141,21 @@ def test_save_load_round_trip_gives_the_same_tokens(tiny_folder, tmp_path):
     (out / MANIFEST).write_text('{"format": "rapidlm-compressed", "format_version": 99}')
     with pytest.raises(ModelFormatError, match="format_version"):
         LLM(out)
+
+
+@pytest.mark.parametrize("head", ["w8a8", "int8", "keep"])
+def test_w8a8_head_modes_save_and_load(tiny_folder, tmp_path, head):
+    from rapidlm.compress.apply import load_with_recipe
+    from rapidlm.compress.saved import save_compressed
+
+    recipe = Recipe((W8A8Dynamic(lm_head=head),), CAL, "test")
+    loaded, recipe, report = load_with_recipe(
+        tiny_folder, recipe, torch.float32, torch.device("cpu"), keep_weights=True
+    )
+    expected = {"w8a8": W8A8Linear, "int8": Int8Linear, "keep": nn.Linear}[head]
+    assert type(loaded.model.lm_head) is expected
+    ref = logits(loaded.model)
+    out = save_compressed(loaded, recipe, report, tmp_path / "out")
+    reloaded = load_model(out, torch.float32)
+    assert type(reloaded.model.lm_head) is expected
+    torch.testing.assert_close(logits(reloaded.model), ref, rtol=0, atol=0)
