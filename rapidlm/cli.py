@@ -192,15 +192,58 @@ def cmd_compress(args: argparse.Namespace, out: TextIO) -> int:
 
     set_threads(args.threads)
     recipe = resolve_recipe(args.recipe)
-    if recipe.weight_step is None or type(recipe.weight_step).__name__ in ("Native", "Dequantized"):
-        raise ValueError(f"recipe {args.recipe!r} quantizes no weights: there is nothing to compress and save")
+    quantizes = recipe.weight_step is not None and type(recipe.weight_step).__name__ not in ("Native", "Dequantized")
+    if not quantizes and not recipe.prune_steps:
+        raise ValueError(f"recipe {args.recipe!r} neither prunes nor quantizes: there is nothing to compress")
     device = torch.device("cpu")
     loaded, recipe, report = load_with_recipe(
         args.model, recipe, resolve_dtype(args.dtype, device), device, show_progress=True, keep_weights=True
     )
     folder = save_compressed(loaded, recipe, report, args.out)
     size = (folder / "model.safetensors").stat().st_size
-    out.write(f"wrote {folder} ({report.method}, {len(report.swapped)} linears, {size / 2**20:.1f} MiB)\n")
+    out.write(f"wrote {folder} ({report.method}, {len(report.swapped)} linears quantized, {size / 2**20:.1f} MiB)\n")
+    for p in report.pruning:
+        out.write(
+            f"  pruned {p.method}: {p.params_before / 1e6:.1f}M -> {p.params_after / 1e6:.1f}M parameters"
+            + (f", sparsity {100 * p.overall_sparsity:.1f}%" if p.sparsity else "")
+            + (f", layers removed {p.removed_layers}" if p.removed_layers else "")
+            + "\n"
+        )
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace, out: TextIO) -> int:
+    from rapidlm.compress.distill import DistillConfig, run_distillation
+    from rapidlm.runtime.device import set_threads
+
+    set_threads(args.threads)
+    cfg = DistillConfig(
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        clip_norm=args.clip,
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows,
+        save_every=args.save_every,
+        seed=args.seed,
+        autocast=args.autocast,
+    )
+    folder, result = run_distillation(args.teacher, args.student, args.data, args.out, cfg, resume=args.resume)
+    if result.interrupted:
+        out.write(f"interrupted after step {len(result.history)} of {cfg.steps}; continue with --resume\n")
+        return 130
+    first, last = result.evals[0], result.evals[-1]
+    out.write(
+        f"wrote {folder}: {result.steps} steps, {result.tokens:,} tokens; held-out perplexity "
+        f"{first['perplexity']:.3f} -> {last['perplexity']:.3f}\n"
+    )
     return 0
 
 
@@ -258,12 +301,38 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(ppl)
 
-    comp = sub.add_parser("compress", help="quantize a model with a recipe and save it (safetensors + manifest)")
+    comp = sub.add_parser(
+        "compress", help="quantize or prune a model with a recipe and save it (safetensors + manifest)"
+    )
     comp.add_argument("--recipe", required=True, help="recipe file (YAML/JSON) or shorthand, e.g. int4-g128-gptq")
     comp.add_argument("--out", required=True, help="new folder to write; load it back with --model FOLDER")
     comp.add_argument("--model", "-m", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
     comp.add_argument("--dtype", default="auto", help="activation dtype it will run in (default: %(default)s)")
     comp.add_argument("--threads", type=int, default=None)
+
+    dist = sub.add_parser("distill", help="train a pruned student to match its teacher (knowledge distillation)")
+    dist.add_argument("--teacher", default=DEFAULT_MODEL, help="alias, .gguf file or model folder")
+    dist.add_argument("--student", required=True, help="saved float model folder, or a pruning recipe/shorthand")
+    dist.add_argument("--data", required=True, help="text: trains on its second half, evaluates on its first")
+    dist.add_argument("--out", required=True, help="folder for the student and out/checkpoint")
+    dist.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
+    dist.add_argument("--tokens", type=int, default=200_000, help="training tokens (default: %(default)s)")
+    dist.add_argument("--seq-len", type=int, default=256)
+    dist.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+    dist.add_argument("--grad-accum", type=int, default=1)
+    dist.add_argument("--lr", type=float, default=3e-4)
+    dist.add_argument("--min-lr", type=float, default=3e-5)
+    dist.add_argument("--warmup", type=int, default=10, help="warm-up steps")
+    dist.add_argument("--weight-decay", type=float, default=0.0)
+    dist.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term; 0 = plain fine-tuning")
+    dist.add_argument("--temperature", type=float, default=2.0)
+    dist.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    dist.add_argument("--eval-every", type=int, default=25)
+    dist.add_argument("--eval-windows", type=int, default=16)
+    dist.add_argument("--save-every", type=int, default=25)
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
+    dist.add_argument("--threads", type=int, default=None)
 
     cmp_ = sub.add_parser("compare", help="size, perplexity and speed of several variants, side by side")
     cmp_.add_argument(
@@ -303,6 +372,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, inp: Text
             return cmd_eval_ppl(args, out)
         if args.command == "compress":
             return cmd_compress(args, out)
+        if args.command == "distill":
+            return cmd_distill(args, out)
         if args.command == "compare":
             return cmd_compare(args, out)
         return cmd_info(args, out)

@@ -1,7 +1,8 @@
 """Load a model and apply a recipe to it: what `LLM(quantization=...)`, `rapidlm compress` and `compare` share.
 
 Weight transforms start from the dequantized fp32 weights (the reference the issue measures against), run
-calibration if the method needs it, swap the linears, then cast what stayed float (embedding, norms, any
+calibration if a method needs it, prune (structured pruning replaces the model with a smaller one), swap the
+linears, then cast what stayed float (embedding, norms, any
 unquantized linear) to the run dtype. `native` instead loads the GGUF blocks as stored.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from rapidlm.compress.calibration import calibration_samples, progress_bar
 from rapidlm.compress.configs import Dequantized, KVCacheInt8, Native, Recipe
+from rapidlm.compress.prune import prune
 from rapidlm.compress.quantize import QuantizeReport, quantize
 from rapidlm.compress.recipe import resolve_recipe
 from rapidlm.errors import ConfigError
@@ -44,17 +46,30 @@ def load_with_recipe(
     """Load `model` and apply `recipe` (a Recipe, a recipe file or a shorthand); the recipe is returned resolved."""
     recipe = resolve_recipe(recipe)
     step = recipe.weight_step if recipe is not None else None
-    if step is None or isinstance(step, (Native, KVCacheInt8, Dequantized)):
+    prunes = recipe.prune_steps if recipe is not None else ()
+    if not prunes and (step is None or isinstance(step, (Native, KVCacheInt8, Dequantized))):
         # None: run a GGUF's blocks natively where the kernels are fast (the default)
         native = {Native: True, Dequantized: False}.get(type(step))
         return load_model(model, dtype, device, max_seq_len, native=native), recipe, None
     if device.type != "cpu":
-        raise ConfigError(f"quantization recipes run on the CPU for now; device {device} is not supported yet")
+        raise ConfigError(f"compression recipes run on the CPU for now; device {device} is not supported yet")
     loaded = load_model(model, torch.float32, device, max_seq_len, native=False)
     samples = None
     if recipe.needs_calibration:
         samples = calibration_samples(loaded.tokenizer, recipe.calibration)
-    progress = progress_bar(f"quantize {recipe.name or type(step).__name__}") if show_progress else None
-    report = quantize(loaded.model, step, samples, progress, keep_weights=keep_weights)
+    pruning = []
+    for p in prunes:
+        progress = progress_bar(f"prune {type(p).__name__}") if show_progress else None
+        loaded.model, prune_report = prune(loaded.model, p, samples, progress)
+        loaded.config = loaded.model.cfg  # structured pruning makes a smaller model with its own config
+        pruning.append(prune_report)
+    if step is None or isinstance(step, (KVCacheInt8, Dequantized)):
+        report = QuantizeReport("none", keep_weights=keep_weights)
+    else:
+        progress = progress_bar(f"quantize {recipe.name or type(step).__name__}") if show_progress else None
+        report = quantize(loaded.model, step, samples, progress, keep_weights=keep_weights)
+    report.pruning = pruning
+    if pruning:
+        report.method = "+".join([p.method for p in pruning] + ([report.method] if report.method != "none" else []))
     cast_float_modules(loaded.model, dtype)
     return loaded, recipe, report

@@ -1,9 +1,9 @@
 """Calibration: token windows drawn from a text file, and the input statistics of each linear on them.
 
 One forward pass of the float model over the samples collects, for every linear that will be quantized,
-whatever the chosen methods need: X^T X (GPTQ's Hessian), per-channel mean/max |x| (AWQ, SmoothQuant) and a
-row sample of X (AWQ's search objective). All statistics come from the unquantized model ("one shot"), which
-keeps a single pass and a simple memory bound.
+whatever the chosen methods need: X^T X (GPTQ's Hessian), per-channel mean/max |x| (AWQ, SmoothQuant), sum of
+x^2 (Wanda) and a row sample of X (AWQ's search objective). All statistics come from the unquantized model
+("one shot"), which keeps a single pass and a simple memory bound.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class InputStats:
     hessian: torch.Tensor | None = None  # (K, K) fp32 sum of x x^T
     abs_mean: torch.Tensor | None = None  # (K,) mean |x|
     abs_max: torch.Tensor | None = None  # (K,) max |x|
+    sq_sum: torch.Tensor | None = None  # (K,) sum of x^2 (Wanda's ||X_j||^2)
     samples: list[torch.Tensor] = field(default_factory=list)
     _abs_sum: torch.Tensor | None = None
 
@@ -65,6 +66,8 @@ class InputStats:
         s, m = a.sum(0), a.amax(0)
         self._abs_sum = s if self._abs_sum is None else self._abs_sum.add_(s)
         self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
+        q = x.square().sum(0)
+        self.sq_sum = q if self.sq_sum is None else self.sq_sum.add_(q)
         self.tokens += x.shape[0]
         self.abs_mean = self._abs_sum / self.tokens
         if self.sample_rows:

@@ -147,7 +147,90 @@ class Dequantized:
     """Load every tensor dequantized to the run dtype: the unquantized reference a compression is judged by."""
 
 
-StepConfig = Int8WeightOnly | Int4WeightOnly | W8A8Dynamic | KVCacheInt8 | Native | Dequantized
+PRUNE_SCOPES = ("layer", "global")
+NM_SCORES = ("wanda", "magnitude")
+
+
+@dataclass(frozen=True)
+class Magnitude:
+    """Zero the block weights whose |w| is at or below the threshold that gives `sparsity`, per projection
+    (scope "layer": q, k, v, o, gate, up, down each reach it) or over all of them at once ("global")."""
+
+    sparsity: float
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        _check_number("Magnitude", "sparsity", self.sparsity, 0.0, 1.0)
+        _check_choice("Magnitude", "scope", self.scope, PRUNE_SCOPES)
+
+
+@dataclass(frozen=True)
+class Wanda:
+    """Zero the `sparsity` fraction of each output row with the lowest |W_ij| * ||X_j|| (calibration norms)."""
+
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        _check_number("Wanda", "sparsity", self.sparsity, 0.0, 1.0)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class SemiStructured:
+    """N:M sparsity: in every M consecutive inputs of a row keep the N highest scores (Wanda or magnitude)."""
+
+    n: int = 2
+    m: int = 4
+    score: str = "wanda"
+
+    def __post_init__(self) -> None:
+        _check_number("SemiStructured", "m", self.m, 2, 64, integer=True)
+        _check_number("SemiStructured", "n", self.n, 1, self.m - 1, integer=True)
+        _check_choice("SemiStructured", "score", self.score, NM_SCORES)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.score == "wanda"
+
+
+@dataclass(frozen=True)
+class Structured:
+    """Remove, least important first: `heads` KV groups per layer (each with its query heads), `ffn_channels`
+    MLP channels per layer and `layers` whole layers. The result is a smaller dense model."""
+
+    heads: int = 0
+    ffn_channels: int = 0
+    layers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "ffn_channels", "layers"):
+            _check_number("Structured", name, getattr(self, name), 0, 1 << 20, integer=True)
+        if not (self.heads or self.ffn_channels or self.layers):
+            raise ConfigError("Structured removes nothing: set heads, ffn_channels or layers")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+PRUNE_STEPS = (Magnitude, Wanda, SemiStructured, Structured)
+
+
+StepConfig = (
+    Int8WeightOnly
+    | Int4WeightOnly
+    | W8A8Dynamic
+    | KVCacheInt8
+    | Native
+    | Dequantized
+    | Magnitude
+    | Wanda
+    | SemiStructured
+    | Structured
+)
 
 # Recipe step type name -> config class. Explicit, so a typo is an error rather than a guess.
 STEP_TYPES: dict[str, type] = {
@@ -157,6 +240,10 @@ STEP_TYPES: dict[str, type] = {
     "kv_cache_int8": KVCacheInt8,
     "native": Native,
     "dequantized": Dequantized,
+    "magnitude": Magnitude,
+    "wanda": Wanda,
+    "semi_structured": SemiStructured,
+    "structured": Structured,
 }
 STEP_NAMES: dict[type, str] = {cls: name for name, cls in STEP_TYPES.items()}
 
@@ -181,7 +268,14 @@ class Recipe:
         if not self.steps:
             raise ConfigError("Recipe.steps is empty: give at least one step")
         kinds = [type(s) for s in self.steps]
-        weight_kinds = [k for k in kinds if k is not KVCacheInt8]
+        weight_kinds = [k for k in kinds if k is not KVCacheInt8 and k not in PRUNE_STEPS]
+        prune_at = [i for i, k in enumerate(kinds) if k in PRUNE_STEPS]
+        if prune_at:
+            if Native in kinds:
+                raise ConfigError("Recipe.steps prunes a native GGUF model: pruning needs float weights (drop native)")
+            first_weight = next((i for i, k in enumerate(kinds) if k in weight_kinds), len(kinds))
+            if prune_at[-1] > first_weight:
+                raise ConfigError("Recipe.steps prunes after quantizing: list pruning steps first")
         if len(weight_kinds) > 1:
             names = ", ".join(STEP_NAMES[k] for k in weight_kinds)
             raise ConfigError(f"Recipe.steps quantizes the weights more than once ({names}); keep one")
@@ -190,10 +284,15 @@ class Recipe:
 
     @property
     def weight_step(self) -> StepConfig | None:
+        """The quantization (or load-format) step, if any: not KV-cache int8, not pruning."""
         for s in self.steps:
-            if not isinstance(s, KVCacheInt8):
+            if not isinstance(s, (KVCacheInt8, *PRUNE_STEPS)):
                 return s
         return None
+
+    @property
+    def prune_steps(self) -> tuple[StepConfig, ...]:
+        return tuple(s for s in self.steps if isinstance(s, PRUNE_STEPS))
 
     @property
     def kv_int8(self) -> bool:

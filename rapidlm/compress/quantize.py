@@ -38,6 +38,7 @@ class QuantizeReport:
     weights: dict[str, tuple[str, object]] = field(default_factory=dict)
     keep_weights: bool = False
     tied_embedding: bool = False  # the embedding table equals the int8 head's dequantized weights
+    pruning: list = field(default_factory=list)  # rapidlm.compress.prune.PruneReport of each pruning step, in order
 
     def record(self, name: str, kind: str, weight: object) -> None:
         self.swapped.append(name)

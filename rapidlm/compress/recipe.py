@@ -1,7 +1,8 @@
 """Recipes: read, validate and name compression steps. A recipe is a YAML/JSON file or a shorthand.
 
     name: int4-g128-gptq            # optional
-    steps:                          # applied in order; one weight quantization at most, kv_cache_int8 may join it
+    steps:                          # applied in order: pruning steps first, then one weight quantization at
+                                    # most; kv_cache_int8 may join it
       - type: int4_weight_only
         group_size: 128
         method: gptq
@@ -30,10 +31,14 @@ from rapidlm.compress.configs import (
     Int4WeightOnly,
     Int8WeightOnly,
     KVCacheInt8,
+    Magnitude,
     Native,
     Recipe,
+    SemiStructured,
     StepConfig,
+    Structured,
     W8A8Dynamic,
+    Wanda,
 )
 from rapidlm.errors import ConfigError
 
@@ -45,7 +50,15 @@ SHORTHANDS: dict[str, Callable[[], list[StepConfig]]] = {
     "w8a8": lambda: [W8A8Dynamic(smoothquant_alpha=0.5)],
     "w8a8-plain": lambda: [W8A8Dynamic()],
     "kv-int8": lambda: [KVCacheInt8()],
+    "2:4": lambda: [SemiStructured(2, 4, "wanda")],
+    "2:4-magnitude": lambda: [SemiStructured(2, 4, "magnitude")],
 }
+for _s in (10, 20, 30, 40, 50, 60, 70):  # unstructured sparsity in percent
+    SHORTHANDS[f"magnitude-{_s}"] = lambda s=_s: [Magnitude(s / 100)]
+    SHORTHANDS[f"magnitude-global-{_s}"] = lambda s=_s: [Magnitude(s / 100, scope="global")]
+    SHORTHANDS[f"wanda-{_s}"] = lambda s=_s: [Wanda(s / 100)]
+for _n in range(1, 25):  # whole layers removed, least important (block influence) first
+    SHORTHANDS[f"prune-layers-{_n}"] = lambda n=_n: [Structured(layers=n)]
 for _g in (32, 64, 128):
     SHORTHANDS[f"int4-g{_g}"] = lambda g=_g: [Int4WeightOnly(group_size=g)]
     SHORTHANDS[f"int4-g{_g}-gptq"] = lambda g=_g: [Int4WeightOnly(group_size=g, method="gptq")]

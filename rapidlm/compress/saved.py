@@ -59,10 +59,18 @@ def _unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(b.shape[0], -1)
 
 
-def save_compressed(loaded: LoadedModel, recipe: Recipe, report: QuantizeReport, out: str | os.PathLike) -> Path:
-    """Write the quantized model in `loaded` (quantized with keep_weights=True) to the folder `out`."""
+def save_compressed(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    report: QuantizeReport,
+    out: str | os.PathLike,
+    extra: dict | None = None,
+    ignore: tuple[str, ...] = (),
+) -> Path:
+    """Write the compressed model in `loaded` (quantized with keep_weights=True, or pruned) to the folder `out`.
+    `extra` adds keys to the manifest; entries named in `ignore` may already be in `out` (a training checkpoint)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name not in ignore for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     if not report.keep_weights:
         raise ValueError("save_compressed needs a QuantizeReport made with keep_weights=True")
@@ -107,6 +115,9 @@ def save_compressed(loaded: LoadedModel, recipe: Recipe, report: QuantizeReport,
         "embedding_from_lm_head": report.tied_embedding,
         "tokenizer": "tokenizer.json" if loaded.tokenizer is not None else None,
     }
+    if report.pruning:
+        manifest["pruning"] = [dataclasses.asdict(p) for p in report.pruning]
+    manifest.update(extra or {})
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return out
 

@@ -1,6 +1,7 @@
 """`rapidlm compare`: every variant of a model measured in one run, side by side.
 
-For each variant (a recipe, shorthand or `dequantized`, optionally `@dtype` and `#compile`): size on disk and
+For each variant (a recipe, shorthand, `dequantized` or a saved model folder, optionally `@dtype` and `#compile`):
+shape (layers, heads, MLP width), size on disk and
 in memory, WikiText-style perplexity on the same token windows and its change against the first variant (the
 reference), decode tokens/s at batch 1 and 8. Optionally llama.cpp on the same GGUF and the same windows.
 Each variant runs in its own process, so memory and speed of one never leak into the next.
@@ -82,7 +83,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     from rapidlm.compress.calibration import progress_bar
     from rapidlm.compress.configs import Dequantized, KVCacheInt8, Native
     from rapidlm.compress.recipe import resolve_recipe
-    from rapidlm.compress.saved import save_compressed
+    from rapidlm.compress.saved import is_compressed_folder, manifest_recipe, save_compressed
     from rapidlm.eval.perplexity import perplexity
     from rapidlm.llm import LLM
     from rapidlm.loading.loader import describe_model, resolve_model
@@ -92,12 +93,20 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     set_threads(spec["threads"])
     device = resolve_device("cpu")
     dtype = resolve_dtype(v.dtype, device)
-    recipe = resolve_recipe(v.recipe)
-    step = recipe.weight_step
+    folder = Path(v.recipe)
+    saved_folder = folder.is_dir()  # a model folder made earlier (e.g. a pruned or distilled student), run as is
+    recipe = (manifest_recipe(folder) if is_compressed_folder(folder) else None) if saved_folder else None
+    recipe = recipe if saved_folder else resolve_recipe(v.recipe)
+    step = recipe.weight_step if recipe is not None else None
     start = time.perf_counter()
     source = resolve_model(spec["model"])
     with tempfile.TemporaryDirectory() as tmp:
-        if step is None or isinstance(step, (Native, KVCacheInt8, Dequantized)):
+        if saved_folder:
+            llm = LLM(folder, device="cpu", dtype=v.dtype, compile=v.compile)
+            weights = folder / "model.safetensors"
+            disk = folder_bytes(weights if weights.is_file() else folder)
+            disk_note = "saved model folder"
+        elif not recipe.prune_steps and (step is None or isinstance(step, (Native, KVCacheInt8, Dequantized))):
             llm = LLM(spec["model"], device="cpu", dtype=v.dtype, quantization=recipe, compile=v.compile)
             if isinstance(step, Dequantized):  # an unquantized checkpoint stores 2 bytes per parameter (bf16)
                 disk = 2 * describe_model(spec["model"]).num_params
@@ -124,7 +133,9 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "recipe": recipe.to_dict() if recipe else None,
         "dtype": str(dtype).removeprefix("torch."),
         "compile": v.compile,
-        "kv_cache": "int8" if recipe.kv_int8 else str(llm.runner.kv_dtype).removeprefix("torch."),
+        "kv_cache": "int8" if llm.runner.kv_int8 else str(llm.runner.kv_dtype).removeprefix("torch."),
+        "shape": _shape(llm.runner.model.cfg),
+        "sparsity": _block_sparsity(llm.runner.model),
         "disk_bytes": disk,
         "disk_note": disk_note,
         "memory_bytes": mem,
@@ -133,6 +144,22 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "decode_tok_s": rates,
         "load_s": load_s,
     }
+
+
+def _shape(cfg) -> str:  # noqa: ANN001
+    """Layers / heads (KV heads) / MLP width: what structured pruning changes."""
+    return f"L{cfg.num_layers} H{cfg.num_heads}/{cfg.num_kv_heads} I{cfg.intermediate_size}"
+
+
+def _block_sparsity(model: torch.nn.Module) -> float | None:
+    """Fraction of zero weights in the blocks' float linears (None when they are all quantized)."""
+    zeros = total = 0
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if name.startswith("layers.") and isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point():
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / total if total else None
 
 
 def _subprocess(cmd: list[str], spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -225,14 +252,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def table(result: dict[str, Any]) -> str:
     batches = sorted({b for r in result["rows"] for b in r.get("decode_tok_s", {})}, key=int)
-    head = ["variant", "disk MiB", "mem MiB", "ppl", "Δppl %"] + [f"tok/s b{b}" for b in batches]
+    rows = [r for r in result["rows"] if "error" not in r]
+    shapes = len({r.get("shape") for r in rows if r.get("shape")}) > 1  # structured pruning changed a shape
+    sparse = any((r.get("sparsity") or 0) > 0.01 for r in rows)
+    extra = (["shape"] if shapes else []) + (["sparsity"] if sparse else [])
+    head = ["variant", *extra, "disk MiB", "mem MiB", "ppl", "Δppl %"] + [f"tok/s b{b}" for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['label']} | " + " | ".join(["error"] * (len(head) - 1)) + " |")
             continue
-        cells = [
-            r["label"],
+        cells = [r["label"]]
+        if shapes:
+            cells.append(r.get("shape") or "—")
+        if sparse:
+            cells.append(f"{100 * r['sparsity']:.1f}%" if r.get("sparsity") is not None else "—")
+        cells += [
             f"{r['disk_bytes'] / 2**20:.1f}" if r.get("disk_bytes") else "—",
             f"{r['memory_bytes'] / 2**20:.1f}" if r.get("memory_bytes") else "—",
             f"{r['perplexity']:.4f}",

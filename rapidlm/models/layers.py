@@ -22,6 +22,10 @@ class RMSNorm(nn.Module):
         # copy of x and is one fast kernel on the CPU (~3 us), where pow+mean or F.rms_norm's composite cost
         # 8-16 us a call. Small in-place ops and mul(out=) keep this at 7 kernels: a decode step runs 61 norms.
         inv_rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # Training (distillation): the same arithmetic, out of place, so autograd can follow it.
+            inv_rms = torch.rsqrt(inv_rms.square() / x.shape[-1] + self.eps)
+            return self.weight * (x.float() * inv_rms).to(x.dtype)
         inv_rms.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
         normed = torch.mul(x, inv_rms, out=torch.empty_like(x))  # computed in fp32, rounded to x's dtype
         return self.weight * normed

@@ -33,6 +33,19 @@ class LayerKV:
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
+class NoCacheKV:
+    """No cache at all: a whole sequence (positions 0..T-1) attends within itself, as in training. Nothing is
+    stored, so autograd sees plain tensors; `dtype` is the attention dtype (the model's parameter dtype)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def update(self, k, v, b_idx, pos, kv_len):  # noqa: ANN001, ANN201 - same contract as LayerKV.update
+        if k.shape[1] != kv_len:
+            raise ValueError(f"NoCacheKV attends within one call: got {k.shape[1]} new tokens for kv_len {kv_len}")
+        return k.transpose(1, 2), v.to(k.dtype).transpose(1, 2)  # (B, nkv, T, hd)
+
+
 class Int8LayerKV:
     """One layer's k and v as int8 codes (B, n_kv, max_len, hd) with one fp32 scale per (token, kv head).
 
