@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/pruning.py --write docs/benchmarks.md
 
-1. Builds a structurally pruned student of SmolLM2-135M-Instruct (`--student-recipe`, default: remove the 10
+1. Builds a structurally pruned student of SmolLM2-135M-Instruct (`--student-recipe`, default: remove the 14
    least important layers by block influence), saved like any compressed model.
 2. Trains it twice for the same tokens and steps on the second half of WikiText-2 validation: knowledge
    distillation (alpha 0.5, T 2) and plain next-token fine-tuning (alpha 0), then quantizes the distilled student
@@ -112,14 +112,14 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/wikitext-2/valid.txt"))
     p.add_argument("--work", type=Path, default=ROOT / ".bench-work/pruning")
-    p.add_argument("--student-recipe", default="prune-layers-10")
+    p.add_argument("--student-recipe", default="prune-layers-14")
     p.add_argument("--int4-recipe", default="int4-g32")
-    p.add_argument("--tokens", type=int, default=200_000, help="training tokens per student")
+    p.add_argument("--tokens", type=int, default=120_000, help="training tokens per student")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--windows", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
     p.add_argument("--json", type=Path, default=ROOT / "docs/pruning.json")
