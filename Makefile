@@ -7,7 +7,7 @@ BENCH_VENV := .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 PROMPT ?= Write a short poem about the sea.
 
-.PHONY: setup run test lint bench-setup bench bench-quant clean
+.PHONY: setup run test lint bench-setup bench bench-quant bench-prune clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench: bench-setup
 bench-quant: setup bench-setup
 	$(BIN)/python benchmarks/quantization.py --threads 2 --llama-cpp-python $(BENCH_VENV)/bin/python \
 		--write docs/benchmarks.md
+
+bench-prune: setup
+	$(BIN)/python benchmarks/pruning.py --threads 2 --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

@@ -78,6 +78,29 @@ def training_curves(folders: dict[str, Path]) -> dict[str, list[dict]]:
     return out
 
 
+def interleaved_speed(model: str, student: Path, batches: tuple[int, ...], threads: int, rounds: int = 5) -> dict:
+    """Teacher (dequantized bf16) and student decode in one process, round after round, medians: on a shared VM
+    a variant measured minutes after another can be 15-25% off; alternating them makes drifts hit both alike."""
+    import statistics
+
+    from rapidlm.eval.compare import decode_rate
+    from rapidlm.llm import LLM
+    from rapidlm.runtime.device import set_threads
+
+    set_threads(threads)
+    teacher = LLM(model, device="cpu", quantization="dequantized")
+    small = LLM(student, device="cpu")
+    prompt = list(range(1000, 1064))
+    out = {}
+    for b in batches:
+        t, s = [], []
+        for _ in range(rounds):
+            t.append(decode_rate(teacher, prompt, b, 64, 1))
+            s.append(decode_rate(small, prompt, b, 64, 1))
+        out[str(b)] = {"teacher": statistics.median(t), "student": statistics.median(s), "rounds": [t, s]}
+    return out
+
+
 def checks(result: dict, folders: dict[str, Path]) -> list[str]:
     rows = {r["label"]: r for r in result["rows"] if "perplexity" in r}
     label = {name: str(path) for name, path in folders.items()}
@@ -87,10 +110,12 @@ def checks(result: dict, folders: dict[str, Path]) -> list[str]:
     if {"magnitude-50", "wanda-50"} <= rows.keys():
         m, w = rows["magnitude-50"]["perplexity"], rows["wanda-50"]["perplexity"]
         out.append(f"50% unstructured: Wanda ppl {w:.3f} vs magnitude {m:.3f} ({'lower' if w < m else 'NOT lower'})")
-    if "pruned" in ppl:
-        for b in sorted(teacher["decode_tok_s"], key=int):
-            s, t = rows[label["pruned"]]["decode_tok_s"][b], teacher["decode_tok_s"][b]
-            out.append(f"student vs teacher decode at batch {b}: {s:.1f} vs {t:.1f} tok/s = {s / t:.2f}x (≥ 1.4x)")
+    for b, r in result.get("speed", {}).items():
+        s, t = r["student"], r["teacher"]
+        out.append(
+            f"student vs teacher decode at batch {b}, interleaved in one process: {s:.1f} vs {t:.1f} tok/s = "
+            f"{s / t:.2f}x (≥ 1.4x)"
+        )
     if {"pruned", "distilled"} <= ppl.keys():
         lost = ppl["pruned"] - teacher["perplexity"]
         rec = (ppl["pruned"] - ppl["distilled"]) / lost
@@ -133,6 +158,7 @@ def main() -> None:
         args.model, variants, args.data, windows=args.windows, batches=tuple(args.batch), threads=args.threads
     )
     result["training"] = training_curves(folders)
+    result["speed"] = interleaved_speed(args.model, folders["distilled"], tuple(args.batch), args.threads)
     wall = time.perf_counter() - start
     found = checks(result, folders)  # on the rows labelled by folder
     names = {str(path): f"student: {name}" for name, path in folders.items()}
@@ -148,12 +174,24 @@ def main() -> None:
         f"training {args.tokens:,} tokens per student (seq {args.seq_len}, batch {args.batch_size}, lr {args.lr}, "
         f"AdamW, cosine, bf16 autocast). Run time {wall / 60:.0f} min ({train_s / 60:.0f} min building students).",
         "",
-        f"Command: `python benchmarks/pruning.py {' '.join(sys.argv[1:])}`".replace(" `", "`").replace("  ", " "),
+        f"Command: `{' '.join(['python benchmarks/pruning.py', *sys.argv[1:]])}`",
         "",
         table(result),
         "",
         "Unstructured and 2:4 sparsity leave the model dense on the CPU: same bytes, same kernels, so no speed-up "
-        "(the tok/s columns show it); only structured pruning makes the model smaller and faster here.",
+        "(the tok/s columns show it); only structured pruning makes the model smaller and faster here. The three "
+        "student rows have the same shape and format, so their tok/s differ only by this VM's drift between "
+        "processes; the speed check uses the interleaved measurement below.",
+        "",
+        "Decode speed, teacher (dequantized bf16) and the distilled student alternating in one process, 5 rounds "
+        "of 64 tokens, medians:",
+        "",
+        "| batch | teacher tok/s | student tok/s | ratio |",
+        "|---|---|---|---|",
+        *(
+            f"| {b} | {r['teacher']:.1f} | {r['student']:.1f} | {r['student'] / r['teacher']:.2f}x |"
+            for b, r in result["speed"].items()
+        ),
         "",
         "Held-out perplexity during training (the trainer's own 16 windows of 256 tokens):",
         "",

@@ -346,7 +346,7 @@ def distill(
                 loss, kd, ce = kd_loss(logits, teacher_logits, targets, cfg.alpha, cfg.temperature)
                 (loss / cfg.grad_accum).backward()
                 for k, v in (("loss", loss), ("kd", kd), ("ce", ce)):
-                    sums[k] += float(v) / cfg.grad_accum
+                    sums[k] += float(v.detach()) / cfg.grad_accum
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_norm)
             opt.step()
             done = step + 1
