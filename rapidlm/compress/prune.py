@@ -38,6 +38,7 @@ class PruneReport:
 
     method: str
     sparsity: dict[str, float] = field(default_factory=dict)  # linear name -> fraction of zero weights
+    sizes: dict[str, int] = field(default_factory=dict)  # linear name -> number of weights
     removed_layers: list[int] = field(default_factory=list)
     removed_kv_groups: dict[int, list[int]] = field(default_factory=dict)  # new layer index -> removed groups
     removed_channels: int = 0  # MLP channels removed per layer
@@ -47,7 +48,8 @@ class PruneReport:
     @property
     def overall_sparsity(self) -> float:
         """Zero fraction over the pruned linears, weighted by size (unstructured methods)."""
-        return sum(self.sparsity.values()) / max(len(self.sparsity), 1)
+        total = sum(self.sizes.values())
+        return sum(self.sparsity[n] * self.sizes[n] for n in self.sparsity) / total if total else 0.0
 
 
 def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -159,6 +161,7 @@ def prune_unstructured(
     for n in names:
         weights[n].mul_(masks[n].to(weights[n].dtype))
         report.sparsity[n] = 1.0 - float(masks[n].float().mean())
+        report.sizes[n] = masks[n].numel()
     report.params_before = report.params_after = sum(p.numel() for p in model.parameters())
     return report
 

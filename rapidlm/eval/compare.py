@@ -95,8 +95,10 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     dtype = resolve_dtype(v.dtype, device)
     folder = Path(v.recipe)
     saved_folder = folder.is_dir()  # a model folder made earlier (e.g. a pruned or distilled student), run as is
-    recipe = (manifest_recipe(folder) if is_compressed_folder(folder) else None) if saved_folder else None
-    recipe = recipe if saved_folder else resolve_recipe(v.recipe)
+    if saved_folder:
+        recipe = manifest_recipe(folder) if is_compressed_folder(folder) else None
+    else:
+        recipe = resolve_recipe(v.recipe)
     step = recipe.weight_step if recipe is not None else None
     start = time.perf_counter()
     source = resolve_model(spec["model"])
