@@ -16,7 +16,7 @@ from torch import nn
 from rapidlm.config import ModelConfig
 from rapidlm.models.layers import RMSNorm, apply_rope, rope_tables
 
-KVCaches = list  # per layer, an object with .dtype and .update(k, v, b_idx, pos, kv_len) -> (keys, values)
+KVCaches = list  # per layer, an object with .dtype and .attend(q, k, v, write_at, mask, kv_len) (rapidlm.runtime)
 
 
 class Attention(nn.Module):
@@ -45,16 +45,9 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : nh + nkv].to(cache.dtype), cos, sin)  # q and k rotated in one pass
         q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv :]
 
-        # Write this step's keys/values into the cache at each sequence's own positions, then attend over the
-        # first kv_len slots as the cache gives them back.
-        keys, values = cache.update(k, v, write_at[0], write_at[1], kv_len)  # each (B, nkv, kv_len, hd)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # (B, nh, T, hd)
-            keys,
-            values,
-            attn_mask=mask,
-            enable_gqa=nh != nkv,
-        )  # (B, nh, T, hd)
+        # The cache writes this step's keys/values at each sequence's own positions and attends over the first
+        # kv_len slots it holds (dense caches: write, read back, SDPA; the paged cache: its own kernel).
+        y = cache.attend(q, k, v, write_at, mask, kv_len)  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size).to(x.dtype))
 
 

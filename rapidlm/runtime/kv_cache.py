@@ -1,7 +1,8 @@
 """The static KV cache: allocated once per batch, written in place, never reallocated while decoding.
 
-The model sees one `LayerKV` per layer with a single method, `update(k, v, b_idx, pos, kv_len)`: write this
-step's keys/values at each sequence's positions and return the keys/values to attend over. How they are
+The model sees one `LayerKV` per layer with a single method, `attend(q, k, v, write_at, mask, kv_len)`; dense
+caches implement it (rapidlm.runtime.attention) as `update(k, v, b_idx, pos, kv_len)`, which writes this step's
+keys/values at each sequence's positions and returns the keys/values to attend over, followed by SDPA. How they are
 stored (the model dtype, fp32, or int8 with scales) is the cache's business, not the model's.
 """
 
@@ -11,9 +12,10 @@ import torch
 
 from rapidlm.compress.primitives import quantize_per_token_int8
 from rapidlm.config import ModelConfig
+from rapidlm.runtime.attention import CacheAttention
 
 
-class LayerKV:
+class LayerKV(CacheAttention):
     """One layer's k and v views, each (B, n_kv, max_len, hd), stored in `dtype`."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -33,7 +35,7 @@ class LayerKV:
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
-class NoCacheKV:
+class NoCacheKV(CacheAttention):
     """No cache at all: a whole sequence (positions 0..T-1) attends within itself, as in training. Nothing is
     stored, so autograd sees plain tensors; `dtype` is the attention dtype (the model's parameter dtype)."""
 
@@ -46,7 +48,7 @@ class NoCacheKV:
         return k.transpose(1, 2), v.to(k.dtype).transpose(1, 2)  # (B, nkv, T, hd)
 
 
-class Int8LayerKV:
+class Int8LayerKV(CacheAttention):
     """One layer's k and v as int8 codes (B, n_kv, max_len, hd) with one fp32 scale per (token, kv head).
 
     Attention reads them back dequantized to `dtype`, so every score (prefill included) sees the stored
