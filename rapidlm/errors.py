@@ -33,3 +33,11 @@ class PromptTooLongError(RapidLMError, ValueError):
 
 class DeviceError(RapidLMError, RuntimeError):
     """The requested device or dtype is not available here."""
+
+
+class EngineFullError(RapidLMError, RuntimeError):
+    """The engine already holds as many running and queued requests as it is configured for."""
+
+
+class EngineStoppedError(RapidLMError, RuntimeError):
+    """The engine is draining or stopped and admits no new requests."""

@@ -112,43 +112,18 @@ class Engine:
             kv_len += 1
 
     def _append(self, seq: Sequence, token: int, start: float) -> StreamChunk:
-        """Record one new token: stop checks, detokenization, and the text that is now safe to stream."""
-        p = seq.params
-        seq.output_ids.append(token)
-        seq.sampler.observe(token)
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
-            seq.finish_reason, seq.stop_reason = "stop", token
-        else:
-            self._add_text(seq, seq.detok.add(token))
-        if not seq.finished and (
-            len(seq.output_ids) >= p.max_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= seq.max_len
-        ):
-            seq.finish_reason = "length"
+        """Record one new token (stop checks, detokenization) and return the text that is now safe to stream."""
+        seq.append(token, self.tokenizer.eos_token_ids)
         if seq.finished:
-            if not isinstance(seq.stop_reason, str):  # a stop string already cut the text: nothing to flush
-                self._add_text(seq, seq.detok.flush())
             seq.finish_time = time.perf_counter() - start
-        safe = len(seq.text) if seq.finished else seq.stops.safe_length(seq.text)
-        delta, seq.streamed = seq.text[seq.streamed : safe], max(seq.streamed, safe)
         return StreamChunk(
             request_id=seq.request_id,
             index=seq.index,
-            text=delta,
+            text=seq.take_delta(),
             token_ids=[token],
             finish_reason=seq.finish_reason,
             output=self.output(seq) if seq.finished else None,
         )
-
-    @staticmethod
-    def _add_text(seq: Sequence, delta: str) -> None:
-        if not delta or isinstance(seq.stop_reason, str):
-            return
-        old = len(seq.text)
-        seq.text += delta
-        hit = seq.stops.find(seq.text, old) if seq.stops.stops else None
-        if hit is not None:
-            seq.text = seq.text[: hit[0]]
-            seq.finish_reason, seq.stop_reason = "stop", hit[1]
 
     @staticmethod
     def output(seq: Sequence) -> RequestOutput:

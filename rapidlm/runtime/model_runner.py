@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from rapidlm.config import ModelConfig
+from rapidlm.errors import ConfigError
 from rapidlm.runtime.cpu_linear import mkldnn_bf16_available, pack_linears
 from rapidlm.runtime.kv_cache import StaticKVCache
+from rapidlm.runtime.paged_kv import PagedKVCache
 
 
 class ModelRunner:
@@ -84,6 +86,27 @@ class ModelRunner:
         forward = self.compiled_decode if self.compiled_decode is not None and len(tokens) == 1 else self.model
         logits = forward(tokens[:, None], positions[:, None], cache.layers(), kv_len)
         return logits[:, 0].float()
+
+    def allocate_paged(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        if self.kv_int8:
+            raise ConfigError("kv-int8 is not supported by the paged KV cache (serving engine) yet; drop kv-int8")
+        return PagedKVCache(self.cfg, num_blocks, block_size, self.kv_dtype, self.device)
+
+    @torch.inference_mode()
+    def forward_paged(
+        self,
+        cache: PagedKVCache,
+        tokens: list[list[int]],  # per row, this step's tokens (all rows the same length T)
+        start: list[int],  # per row, the position of its first token
+        block_tables: list[list[int]],  # per row, blocks covering positions [0, start + T)
+        all_logits: bool = False,  # logits at every position (prompt logprobs), else only the last
+    ) -> torch.Tensor:  # (B, T or 1, vocab) fp32
+        T = len(tokens[0])
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)  # (B, T)
+        pos = torch.tensor(start, dtype=torch.long, device=self.device)[:, None] + torch.arange(T, device=self.device)
+        seq_lens = [s + T for s in start]
+        layers = cache.layers(block_tables, pos, seq_lens)
+        return self.model(ids, pos, layers, max(seq_lens), last_only=not all_logits).float()
 
     def warmup(self) -> None:
         """Run a prefill and two decode steps so one-time work (compilation, allocator growth) happens now."""

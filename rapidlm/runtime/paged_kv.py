@@ -1,0 +1,126 @@
+"""The paged KV cache: one pool of fixed-size blocks per layer, shared by every running sequence.
+
+A sequence owns a list of block ids (its block table); logical position p lives in block table[p // bs] at
+offset p % bs. Blocks are handed out and taken back by rapidlm.engine.kv_manager, which knows nothing of
+tensors; this module only stores and reads. The model sees one `PagedLayerKV` per layer through the same
+`attend` contract as the dense caches (rapidlm.runtime.attention), so models/ never learns about pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rapidlm.config import ModelConfig
+from rapidlm.runtime.attention import CacheAttention
+
+DecodeKernel = Callable[..., torch.Tensor]  # (q (B,nh,hd), k_pool, v_pool, tables, seq_lens, scale, window)
+
+
+def _decode_kernel(device: torch.device) -> DecodeKernel | None:
+    """The fused paged-attention decode kernel for this device, or None to gather blocks and run SDPA."""
+    try:
+        if device.type == "cpu":
+            from rapidlm.runtime.kernels.paged_attention import decode_kernel_available, paged_attention_decode
+        elif device.type == "cuda":
+            from rapidlm.runtime.kernels.paged_attention_triton import (
+                decode_kernel_available,
+                paged_attention_decode,
+            )
+        else:
+            return None
+    except ImportError:
+        return None
+    return paged_attention_decode if decode_kernel_available() else None
+
+
+class PagedLayerKV(CacheAttention):
+    """One layer's view of the pool for one forward: where this step writes, and which blocks each row reads."""
+
+    def __init__(
+        self,
+        k_pool: torch.Tensor,  # (num_blocks, bs, nkv, hd)
+        v_pool: torch.Tensor,
+        slots: torch.Tensor,  # (B*T,) flat slot (block * bs + offset) of each new token
+        tables: torch.Tensor,  # (B, nb) int64 block ids covering [0, kv_len) of every row
+        seq_lens: torch.Tensor | None,  # (B,) int32, tokens each row attends to (decode kernel only)
+        kernel: DecodeKernel | None,
+        window: int,
+    ) -> None:
+        self.k_pool, self.v_pool = k_pool, v_pool
+        self.slots, self.tables, self.seq_lens = slots, tables, seq_lens
+        self.kernel, self.window = kernel, window
+        self.dtype = k_pool.dtype
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        nkv, hd = k.shape[-2:]
+        self.k_pool.view(-1, nkv, hd)[self.slots] = k.reshape(-1, nkv, hd)
+        self.v_pool.view(-1, nkv, hd)[self.slots] = v.reshape(-1, nkv, hd).to(self.dtype)
+
+    def update(self, k, v, b_idx, pos, kv_len):  # noqa: ANN001, ANN201 - the dense contract, by gathering blocks
+        self._write(k, v)
+        B, nb = self.tables.shape
+        _, bs, nkv, hd = self.k_pool.shape
+        # (B, nb, bs, nkv, hd) -> (B, nb*bs, nkv, hd) is a free view; the gather itself is the one copy.
+        keys = self.k_pool[self.tables].view(B, nb * bs, nkv, hd)[:, :kv_len].transpose(1, 2)
+        values = self.v_pool[self.tables].view(B, nb * bs, nkv, hd)[:, :kv_len].transpose(1, 2)
+        return keys, values  # (B, nkv, kv_len, hd); slots past a row's length are masked by the model
+
+    def attend(self, q, k, v, write_at, mask, kv_len):  # noqa: ANN001, ANN201 - see CacheAttention.attend
+        if self.kernel is None or q.shape[1] != 1:
+            return super().attend(q, k, v, write_at, mask, kv_len)
+        # Decode (one token per row): the kernel reads each row's blocks in place; no gather, no mask.
+        self._write(k, v)
+        hd = q.shape[-1]
+        out = self.kernel(q[:, 0], self.k_pool, self.v_pool, self.tables, self.seq_lens, hd**-0.5, self.window)
+        return out.unsqueeze(2)  # (B, nh, 1, hd)
+
+
+class PagedKVCache:
+    """K and V pools for every layer in one tensor (layers, 2, num_blocks, block_size, n_kv, head_dim)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        use_kernel: bool = True,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"PagedKVCache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device, self.dtype = device, dtype
+        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.window = cfg.sliding_window or 0
+        self.kernel = _decode_kernel(device) if use_kernel else None
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def layers(
+        self,
+        block_tables: list[list[int]],  # per row, the block ids covering every position it reads or writes
+        positions: torch.Tensor,  # (B, T) on the device: where this step's tokens go
+        seq_lens: list[int],  # per row, tokens it attends to after this step (= last position + 1)
+    ) -> list[PagedLayerKV]:
+        B = len(block_tables)
+        nb = max(len(t) for t in block_tables)
+        padded = [t + [0] * (nb - len(t)) for t in block_tables]  # block 0 is masked out / never read
+        tables = torch.tensor(padded, dtype=torch.long, device=self.device)  # (B, nb)
+        bs = self.block_size
+        rows = torch.arange(B, device=self.device)[:, None]
+        slots = (tables[rows, positions // bs] * bs + positions % bs).reshape(-1)  # (B*T,)
+        lens = None
+        if self.kernel is not None and positions.shape[1] == 1:
+            lens = torch.tensor(seq_lens, dtype=torch.int32, device=self.device)
+            tables = tables.to(torch.int32)
+        return [PagedLayerKV(k, v, slots, tables, lens, self.kernel, self.window) for k, v in self.data]
