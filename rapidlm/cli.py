@@ -6,6 +6,7 @@ rapidlm info smollm2-135m
 rapidlm eval ppl --data ../shared/data/wikitext-2/valid.txt --ctx 512 --quant int4-g128-awq
 rapidlm compress --recipe int4-g32 --out smollm2-int4
 rapidlm compare --recipes dequantized@float32 native int8 int4-g128-gptq --data valid.txt
+rapidlm serve --model smollm2-135m --port 8000 --api-key-file key.txt
 """
 
 from __future__ import annotations
@@ -276,6 +277,27 @@ def cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from rapidlm.engine.async_engine import EngineConfig
+    from rapidlm.serve.auth import load_api_key
+    from rapidlm.serve.config import ServerConfig
+    from rapidlm.serve.server import serve
+
+    # Every setting is checked before the model loads, so a typo fails in a second, not after a load.
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=load_api_key(args.api_key_file) if args.api_key_file else None,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+    )
+    given = {"max_running": args.max_running, "max_queued": args.max_queued, "kv_blocks": args.kv_blocks}
+    engine_config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
+    llm = _load(args)
+    return serve(llm, args.served_model_name or args.model, config, engine_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidlm", description="Fast LLM inference on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--json", default=None, help="write the full results here")
     cmp_.add_argument("--plot", default=None, help="write a PNG plot (perplexity vs tokens/s, Pareto front)")
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics, playground)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="0 = any free port, printed at start-up")
+    srv.add_argument("--api-key-file", default=None, help="file holding the API key clients must send as Bearer")
+    srv.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    srv.add_argument("--max-running", type=int, default=None, help="requests generating at once (engine default)")
+    srv.add_argument("--max-queued", type=int, default=None, help="requests waiting; beyond them: 429")
+    srv.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests finish")
+    srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    srv.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
+    _add_model_args(srv)
+
     info = sub.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("model_pos", nargs="?", metavar="MODEL", help="alias, .gguf file or HF folder")
     info.add_argument("--model", "-m", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
@@ -376,6 +411,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, inp: Text
             return cmd_distill(args, out)
         if args.command == "compare":
             return cmd_compare(args, out)
+        if args.command == "serve":
+            return cmd_serve(args, out)
         return cmd_info(args, out)
     except (RapidLMError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"rapidlm: error: {exc}", file=sys.stderr)
