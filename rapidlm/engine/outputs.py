@@ -65,3 +65,44 @@ class StreamChunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     output: RequestOutput | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits, before temperature or penalties)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # top-n alternatives (id, logprob), best first
+
+
+@dataclass
+class EngineOutput:
+    """One step's news for one request of the continuous-batching engine."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # text safe to stream now (stop strings held back); joined deltas == the final text
+    new_logprobs: list[TokenLogprob] | None  # one per new token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None  # first output only, when asked; None for the first token
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort"
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    error: str | None = None  # set when the engine ended the request itself (shutdown, internal failure)
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found there
+    preemptions: int
+    prompt_tokens: int  # prompt tokens computed (cache hits excluded)
+    generation_tokens: int
+    steps: int
