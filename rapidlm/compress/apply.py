@@ -51,8 +51,8 @@ def load_with_recipe(
         # None: run a GGUF's blocks natively where the kernels are fast (the default)
         native = {Native: True, Dequantized: False}.get(type(step))
         return load_model(model, dtype, device, max_seq_len, native=native), recipe, None
-    if device.type != "cpu":
-        raise ConfigError(f"compression recipes run on the CPU for now; device {device} is not supported yet")
+    if device.type not in ("cpu", "cuda"):  # CUDA: int8/int4 weight-only modules (issue 7, kernels/cuda_linear.py)
+        raise ConfigError(f"compression recipes run on the CPU or CUDA; device {device} is not supported yet")
     loaded = load_model(model, torch.float32, device, max_seq_len, native=False)
     samples = None
     if recipe.needs_calibration:

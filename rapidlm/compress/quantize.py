@@ -64,6 +64,23 @@ def int8_weight(w: torch.Tensor) -> Int8Weight:
     return Int8Weight((codes.to(torch.int16) - 128).to(torch.int8), scale, w.shape[1])
 
 
+# CUDA (issue 7): weights quantized on a GPU run rapidlm's CUDA modules (rapidlm.compress.kernels.cuda_linear).
+def _int8_linear(w8: Int8Weight, bias: torch.Tensor | None) -> nn.Module:
+    if w8.q.is_cuda:
+        from rapidlm.compress.kernels.cuda_linear import CudaInt8Linear
+
+        return CudaInt8Linear(w8, bias)
+    return Int8Linear(w8, bias)
+
+
+def _int4_linear(w4: Int4Weight, bias: torch.Tensor | None) -> nn.Module:
+    if w4.q.is_cuda:
+        from rapidlm.compress.kernels.cuda_linear import CudaInt4Linear
+
+        return CudaInt4Linear(w4, bias)
+    return Int4Linear(w4, bias)
+
+
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -85,7 +102,7 @@ def _head(model: nn.Module, mode: str, report: QuantizeReport) -> None:
     if mode in ("int8", "w8a8") and type(model.lm_head) is nn.Linear:
         w8 = int8_weight(model.lm_head.weight)
         bias = _bias(model.lm_head)
-        _swap(model, "lm_head", Int8Linear(w8, bias) if mode == "int8" else W8A8Linear(w8.q, w8.scale[:, 0], bias))
+        _swap(model, "lm_head", _int8_linear(w8, bias) if mode == "int8" else W8A8Linear(w8.q, w8.scale[:, 0], bias))
         report.record("lm_head", mode, w8)
         if model.cfg.tie_word_embeddings:
             # Tied weights stay tied: the embedding table becomes the int8 head's values too (as llama.cpp's
@@ -106,6 +123,9 @@ def quantize(
     id windows, needed by GPTQ, AWQ and SmoothQuant. keep_weights: also return portable copies (for saving)."""
     names = block_linears(model)
     _check_float_model(model, names)
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if on_cuda and (isinstance(config, W8A8Dynamic) or getattr(config, "lm_head", None) == "w8a8"):
+        raise ConfigError("W8A8 runs on the CPU only; on CUDA use int8 or int4 weight-only quantization")
     if getattr(config, "needs_calibration", False) and not calibration:
         raise ConfigError(f"{type(config).__name__} as configured needs calibration samples; none were given")
     if isinstance(config, Int8WeightOnly):
@@ -113,7 +133,7 @@ def quantize(
         for name in names:
             lin = model.get_submodule(name)
             w8 = int8_weight(lin.weight)
-            _swap(model, name, Int8Linear(w8, _bias(lin)))
+            _swap(model, name, _int8_linear(w8, _bias(lin)))
             report.record(name, "int8", w8)
     elif isinstance(config, Int4WeightOnly):
         report = _int4(model, config, names, calibration, progress, keep_weights)
@@ -179,7 +199,7 @@ def _int4(
             scale, offset = choose_qparams(w, spec)
             codes = quantize_codes(w, scale, offset, spec)
         w4 = Int4Weight(codes, scale, offset, spec.group_size)
-        _swap(model, name, Int4Linear(w4, _bias(lin)))
+        _swap(model, name, _int4_linear(w4, _bias(lin)))
         report.record(name, "int4", w4)
         if progress is not None and config.method == "gptq":
             progress(i + 1, len(names))

@@ -52,6 +52,13 @@ class ModelRunner:
             "emulate_precision_casts": True,
         }
         self.compiled_decode = torch.compile(model, dynamic=True, options=options) if compile else None
+        # CUDA (issue 7): decode steps run as CUDA graphs over rapidlm's fused Triton forward (runtime/cuda_graphs.py)
+        self.cuda_graphs = None
+        if device.type == "cuda":
+            from rapidlm.runtime.cuda_graphs import DecodeGraphs, cuda_graphs_enabled, model_supported
+
+            if cuda_graphs_enabled() and model_supported(model):
+                self.cuda_graphs = DecodeGraphs(model)
         if compile:
             self.warmup()
 
@@ -83,6 +90,8 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token per live row: tokens and positions (B,), kv_len = max(positions) + 1. Logits (B, vocab)."""
+        if self.cuda_graphs is not None and self.cuda_graphs.supports(cache):
+            return self.cuda_graphs.decode(cache, tokens, positions)
         forward = self.compiled_decode if self.compiled_decode is not None and len(tokens) == 1 else self.model
         logits = forward(tokens[:, None], positions[:, None], cache.layers(), kv_len)
         return logits[:, 0].float()
