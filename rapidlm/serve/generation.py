@@ -462,6 +462,8 @@ async def stream_chat(
     def chunk(choice: ChatChunkChoice | None, usage: Usage | None = None) -> bytes:
         c = ChatCompletionChunk(id=request_id, model=model, choices=[choice] if choice else [], usage=usage)
         data = c.model_dump(mode="json")
+        for ch in data["choices"]:  # OpenAI sends only the delta's present fields (role first, then content)
+            ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
         if not include_usage:
             data.pop("usage")
         return sse(data)
