@@ -5,8 +5,9 @@ kernels per layer from Python, so launch cost alone would exceed that. Here a st
 
 - a fused forward (`fused_decode_forward`) with 10 launches per layer: add+RMSNorm, q|k|v matmul, RoPE with the
   k/v cache write, decode attention (split + combine), o matmul, add+RMSNorm, gate|up matmul, silu*up, down
-  matmul. The matmuls are whatever modules the model holds (nn.Linear -> cuBLAS; rapidlm's CUDA int8/int4
-  modules), so quantized models take the same path;
+  matmul. The matmuls are whatever modules the model holds (nn.Linear -> cuBLAS or rapidlm's Triton GEMV,
+  whichever was timed faster for the shape; rapidlm's CUDA int8/int4 modules), so quantized models take the
+  same path;
 - captured once per (cache, batch size) as a CUDA graph and replayed at every position: shapes never change
   because attention reads each row's length from a device tensor (positions + 1) and the number of splits
   depends only on the cache capacity (rapidlm.runtime.kernels.paged_attention_triton).
@@ -24,6 +25,7 @@ from collections import OrderedDict
 
 import torch
 
+from rapidlm.compress.kernels.cuda_linear import GEMV_MAX_M, linear_decode
 from rapidlm.models.llama import Transformer
 from rapidlm.runtime.kernels import decode_triton as fused
 from rapidlm.runtime.kernels.paged_attention_triton import (
@@ -45,6 +47,14 @@ def model_supported(model: torch.nn.Module) -> bool:
     return isinstance(model, Transformer) and hd > 0 and hd & (hd - 1) == 0
 
 
+def _project(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear at decode size: plain float nn.Linear weights go to cuBLAS or rapidlm's Triton GEMV, whichever is
+    faster for the shape (rapidlm.compress.kernels.cuda_linear.linear_decode); other modules run themselves."""
+    if type(module) is torch.nn.Linear and x.is_cuda and x.shape[0] <= GEMV_MAX_M:
+        return linear_decode(x, module.weight, module.bias)
+    return module(x)
+
+
 def fused_decode_forward(
     model: Transformer,
     tokens: torch.Tensor,  # (B,) int64, one token per row
@@ -64,17 +74,17 @@ def fused_decode_forward(
     delta = None
     for layer, (k, v) in zip(model.layers, kv):
         xn = fused.add_rmsnorm_(h, delta, layer.attn_norm.weight, layer.attn_norm.eps)
-        qkv = layer.attn.wqkv(xn)
+        qkv = _project(layer.attn.wqkv, xn)
         q = fused.rope_write(qkv, model.rope_cos, model.rope_sin, positions, k, v, nh, nkv, hd, block_tables)
         if block_tables is None:
             o = dense_attention_decode(q, k, v, seq_lens, scale, window)
         else:
             o = paged_attention_decode(q, k, v, block_tables, seq_lens, scale, window)
-        delta = layer.attn.wo(o.view(B, nh * hd).to(h.dtype))
+        delta = _project(layer.attn.wo, o.view(B, nh * hd).to(h.dtype))
         xn = fused.add_rmsnorm_(h, delta, layer.mlp_norm.weight, layer.mlp_norm.eps)
-        delta = layer.mlp.w_down(fused.silu_mul(layer.mlp.w_gate_up(xn)))
+        delta = _project(layer.mlp.w_down, fused.silu_mul(_project(layer.mlp.w_gate_up, xn)))
     xn = fused.add_rmsnorm_(h, delta, model.norm.weight, model.norm.eps)
-    return model.lm_head(xn).float()
+    return _project(model.lm_head, xn).float()
 
 
 class _Captured:

@@ -13,8 +13,10 @@ Kernels (one Triton program per BLOCK_N output rows; grid (N / BLOCK_N, M)):
 Both accumulate in fp32 and round once to the activation dtype. They serve M <= GEMV_MAX_M rows (decode); larger
 M (prefill) dequantizes to the activation dtype and calls cuBLAS.
 
-Block shapes are chosen per (N, K) on first use by timing a few candidates with CUDA events (`tuned_configs()`
-shows the picks; RAPIDLM_CUDA_TUNE=0 keeps the defaults), never during CUDA-graph capture.
+Block shapes are chosen per (N, K, M) on first use by timing each candidate's launches in a CUDA graph over
+rotating weight copies larger than L2 (`tuned_configs()` shows the picks; RAPIDLM_CUDA_TUNE=0 keeps the defaults),
+never during CUDA-graph capture. `linear_decode` does the same for plain float weights, with cuBLAS as one more
+candidate (the fused CUDA-graph decode path calls it for nn.Linear modules).
 
 int4 backend "tinygemm" (RAPIDLM_CUDA_INT4=tinygemm) instead stores PyTorch's `_convert_weight_to_int4pack`
 layout with bf16 scale/zero pairs and runs `torch._weight_int4pack_mm` (zero = offset + 8 * scale).
@@ -47,18 +49,22 @@ TUNE = os.environ.get("RAPIDLM_CUDA_TUNE", "1") != "0"
 
 # (BLOCK_N, BLOCK_K, num_warps) for int8 / bf16 rows; (BLOCK_N, groups per step, num_warps) for int4
 # (K is a compile-time constant of both kernels: one compile per config and matrix width.)
-DENSE_CONFIGS = [(8, 1024, 4), (4, 1024, 4), (16, 512, 4), (2, 2048, 4)]
-INT4_CONFIGS = [(8, 4, 4), (16, 4, 4), (4, 8, 4), (32, 2, 4)]
-_tuned: dict[tuple, tuple[int, int, int]] = {}
+DENSE_CONFIGS = [(8, 1024, 4), (4, 1024, 4), (16, 512, 4), (2, 2048, 4), (4, 2048, 8)]
+INT4_CONFIGS = [(8, 4, 4), (16, 4, 4), (4, 8, 4), (32, 2, 4), (16, 8, 8), (8, 8, 4)]
+_tuned: dict[tuple, object] = {}
+_timings: dict[tuple, float] = {}  # the chosen candidate's time per launch, ms
+# float weights at decode (M <= GEMV_MAX_M) in the fused CUDA-graph path: "auto" times cuBLAS against the Triton
+# GEMV per shape and keeps the faster; "cublas" or "triton" forces one.
+DENSE_BACKEND = os.environ.get("RAPIDLM_CUDA_DENSE", "auto")
 
 
 def cuda_kernels_available() -> bool:
     return HAS_TRITON and torch.cuda.is_available()
 
 
-def tuned_configs() -> dict[tuple, tuple[int, int, int]]:
-    """(kernel, N, K) -> the block shape picked for it (filled on first use of each shape)."""
-    return dict(_tuned)
+def tuned_configs() -> dict[tuple, object]:
+    """(kernel, N, K, ...) -> (the candidate picked for it, its time in ms), filled on first use of each shape."""
+    return {k: (v, _timings.get(k)) for k, v in _tuned.items()}
 
 
 if HAS_TRITON:
@@ -128,8 +134,8 @@ if HAS_TRITON:
         n_ok = n < N
         n64 = n.to(tl.int64)
         j = tl.arange(0, G // 2)
-        acc = tl.zeros((BLOCK_N, G // 2), dtype=tl.float32)
-        acc_off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, G // 2), dtype=tl.float32)  # scale * (q . x) terms, reduced once at the end
+        acc_off = tl.zeros((BLOCK_N, G // 2), dtype=tl.float32)  # offset * x terms, likewise
         for k0 in range(0, K, G * U):
             for u in tl.static_range(U):
                 kg = k0 + u * G  # first input of this group
@@ -145,8 +151,8 @@ if HAS_TRITON:
                 sc = tl.load(s_ptr + n64 * s_sn + gi, mask=n_ok & g_ok, other=0.0).to(tl.float32)
                 of = tl.load(o_ptr + n64 * s_sn + gi, mask=n_ok & g_ok, other=0.0).to(tl.float32)
                 acc += (lo * xe[None, :] + hi * xo[None, :]) * sc[:, None]
-                acc_off += of * tl.sum(xe + xo, axis=0)
-        y = tl.sum(acc, axis=1) + acc_off
+                acc_off += of[:, None] * (xe + xo)[None, :]
+        y = tl.sum(acc + acc_off, axis=1)
         if HAS_BIAS:
             y = y + tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * s_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -156,34 +162,54 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _time_ms(fn, iters: int = 20) -> float:  # noqa: ANN001
-    fn()
+ROTATE_BYTES = 160 * 1024**2  # tuning rotates over weight copies at least this large together (beyond L2)
+
+
+def _time_graph_ms(launch, cfg, sets: list[tuple], reps: int = 16) -> float:  # noqa: ANN001
+    """GPU time of one launch(cfg, *operands): `reps` launches over rotating operand sets captured in a CUDA graph,
+    so neither Python launch cost nor an L2-resident weight shows in the figure."""
+    launch(cfg, *sets[0])  # compile / first-use work outside the capture
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            launch(cfg, *sets[i % len(sets)])
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    for _ in range(3):
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / iters
+    return start.elapsed_time(end) / (3 * reps)
 
 
-def _choose(key: tuple, configs: list, launch) -> tuple[int, int, int]:  # noqa: ANN001 - launch(cfg)
-    """The fastest config for `key`, timed once per process (outside graph capture); the first config when not
-    tuning, when interpreting, or while a CUDA graph is being captured."""
+def _choose(key: tuple, candidates: list, launch, operands: tuple, default=None):  # noqa: ANN001, ANN201
+    """The fastest candidate for `key` (timed once per process, never during graph capture); `default` (or the
+    first candidate) when not tuning, when interpreting, or while a CUDA graph is being captured. launch(cand,
+    *operands) runs one; tuning clones the weight operands (tensors of 2 dims) so that they exceed L2 together."""
     if key in _tuned:
         return _tuned[key]
+    default = candidates[0] if default is None else default
     if not TUNE or _interpreting() or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
-        return configs[0]
-    best, best_ms = configs[0], float("inf")
-    for cfg in configs:
+        return default
+    nbytes = sum(t.nbytes for t in operands if isinstance(t, torch.Tensor) and t.dim() == 2)
+    copies = max(1, min(32, -(-ROTATE_BYTES // max(1, nbytes))))
+    sets = [operands] + [
+        tuple(t.clone() if isinstance(t, torch.Tensor) and t.dim() == 2 else t for t in operands)
+        for _ in range(copies - 1)
+    ]
+    best, best_ms = default, float("inf")
+    for cand in candidates:
         try:
-            ms = _time_ms(lambda cfg=cfg: launch(cfg))
-        except Exception:  # noqa: BLE001 - a config that fails to compile or launch is skipped
+            ms = _time_graph_ms(launch, cand, sets)
+        except Exception:  # noqa: BLE001 - a candidate that fails to compile, launch or capture is skipped
+            torch.cuda.synchronize()
             continue
         if ms < best_ms:
-            best, best_ms = cfg, ms
+            best, best_ms = cand, ms
     _tuned[key] = best
+    _timings[key] = best_ms
     return best
 
 
@@ -204,7 +230,7 @@ def dense_gemv(
     if w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("dense_gemv needs rows with a contiguous last dim")
 
-    def launch(cfg: tuple[int, int, int]) -> None:
+    def launch(cfg: tuple[int, int, int], w: torch.Tensor) -> None:
         bn, bk, warps = cfg
         _dense_gemv_kernel[(triton.cdiv(N, bn), M)](
             x, w, scale if int8 else w, bias if bias is not None else w, out, N, K,
@@ -212,7 +238,35 @@ def dense_gemv(
             INT8=int8, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         )  # fmt: skip
 
-    launch(_choose(("int8" if int8 else "dense", N, K, x.dtype), DENSE_CONFIGS, launch))
+    launch(_choose(("int8" if int8 else "dense", N, K, M, x.dtype), DENSE_CONFIGS, launch, (w,)), w)
+    return out
+
+
+def linear_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) @ weight^T (+ bias) for a float weight at decode sizes: cuBLAS or rapidlm's Triton GEMV, whichever
+    was timed faster for this (N, K, M, dtype) (see DENSE_BACKEND)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    x = x.contiguous()
+    triton_ok = HAS_TRITON and M <= GEMV_MAX_M and weight.stride(1) == 1 and weight.dtype == x.dtype
+    if DENSE_BACKEND == "cublas" or not triton_ok:
+        return F.linear(x, weight, bias)
+    out = x.new_empty((M, N))
+
+    def launch(cand, w: torch.Tensor):  # noqa: ANN001, ANN202
+        if cand == "cublas":
+            return torch.matmul(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
+        bn, bk, warps = cand
+        _dense_gemv_kernel[(triton.cdiv(N, bn), M)](
+            x, w, w, bias if bias is not None else w, out, N, K, x.stride(0), w.stride(0), out.stride(0),
+            INT8=False, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        )  # fmt: skip
+
+    candidates = DENSE_CONFIGS if DENSE_BACKEND == "triton" else ["cublas", *DENSE_CONFIGS]
+    choice = _choose(("linear", N, K, M, x.dtype), candidates, launch, (weight,))
+    if choice == "cublas":
+        return F.linear(x, weight, bias)
+    launch(choice, weight)
     return out
 
 
@@ -232,7 +286,7 @@ def int4_gemv(
     if x.stride(1) != 1 or packed.stride(1) != 1 or scale.stride() != offset.stride():
         raise ValueError("int4_gemv needs contiguous rows and scale/offset of the same layout")
 
-    def launch(cfg: tuple[int, int, int]) -> None:
+    def launch(cfg: tuple[int, int, int], packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
         bn, u, warps = cfg
         _int4_gemv_kernel[(triton.cdiv(N, bn), M)](
             x, packed, scale, offset, bias if bias is not None else scale, out, N, K,
@@ -240,7 +294,8 @@ def int4_gemv(
             G=group_size, HAS_BIAS=bias is not None, BLOCK_N=bn, U=u, num_warps=warps,
         )  # fmt: skip
 
-    launch(_choose(("int4", N, K, group_size, x.dtype), INT4_CONFIGS, launch))
+    ops = (packed, scale, offset)
+    launch(_choose(("int4", N, K, group_size, M, x.dtype), INT4_CONFIGS, launch, ops), *ops)
     return out
 
 
