@@ -7,7 +7,7 @@ BENCH_VENV := .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 PROMPT ?= Write a short poem about the sea.
 
-.PHONY: setup run test lint bench-setup bench bench-quant bench-prune clean
+.PHONY: setup run test lint bench-setup bench bench-quant bench-prune bench-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ bench-quant: setup bench-setup
 
 bench-prune: setup
 	$(BIN)/python benchmarks/pruning.py --threads 2 --write docs/benchmarks.md
+
+# Serving under load (~10 min): rapidlm serve vs llama-cpp-python's server on the same GGUF, 2 threads each, at
+# 1/4/16/32 concurrent streams, plus the shared-system-prompt run. Needs a quiet machine: the client shares it.
+bench-serve: setup bench-setup
+	$(BENCH_VENV)/bin/pip install -q fastapi uvicorn pydantic-settings sse-starlette 'starlette-context>=0.3.6,<0.4' PyYAML
+	$(BIN)/python benchmarks/serve.py --threads 2 --llama-cpp-python $(BENCH_VENV)/bin/python \
+		--write docs/benchmarks.md --json .bench-work/serve.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info
