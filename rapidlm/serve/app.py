@@ -47,6 +47,7 @@ from rapidlm.serve.protocol import (
     Health,
     ModelCard,
     ModelList,
+    bind_model_limits,
     error_responses,
     new_id,
 )
@@ -55,8 +56,15 @@ log = logging.getLogger("rapidlm.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 _T = TypeVar("_T")
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
 _GENERATE_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503)
-_STREAM_CONTENT = {"text/event-stream": {"schema": {"type": "string"}, "description": "with stream=true"}}
+# With stream=true: server-sent events, each `data:` a JSON chunk (the same model with deltas), then [DONE].
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+_STREAM_CONTENT = {"text/event-stream": {"schema": _SSE_EVENT}}
 
 
 @dataclass
@@ -132,7 +140,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if any(e.get("type") == "json_invalid" for e in errors):
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = []
+    for part in first.get("loc", ())[1:] if first.get("loc", ())[:1] == ("body",) else first.get("loc", ()):
+        # A union's branch shows up as a tag ("constrained-str", "list[int]", "str"): the field ends there.
+        if isinstance(part, str) and (not part.isidentifier() or part in _TYPE_TAGS):
+            break
+        loc.append(str(part))
     ctx = first.get("ctx") or {}
     param = ctx.get("param") if isinstance(ctx, dict) else None
     param = param or (".".join(loc) if loc else None)
@@ -163,6 +176,13 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, config: ServerConfi
     )
     app.state.rapidlm = state
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            bind_model_limits(FastAPI.openapi(app), model_name, state.jobs.vocab_size, engine.max_model_len)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
@@ -174,7 +194,8 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, config: ServerConfi
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
+        headers = dict(exc.headers) if exc.headers else None  # e.g. 405's Allow
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=headers))
 
     @app.exception_handler(ClientDisconnected)
     async def on_disconnect(_: Request, exc: ClientDisconnected) -> Response:

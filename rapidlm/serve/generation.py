@@ -151,6 +151,8 @@ class Jobs:
             raise APIError(400, f"{param}: the prompt is empty (it encodes to no tokens)", param)
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise APIError(400, f"{param}: token ids must be in [0, {self.vocab_size})", param)
+        if any(t >= self.vocab_size for t in job.params.stop_token_ids):
+            raise APIError(400, f"stop_token_ids: token ids must be in [0, {self.vocab_size})", "stop_token_ids")
         try:
             self.engine.check_request(ids, job.params)
         except PromptTooLongError as exc:
@@ -158,6 +160,12 @@ class Jobs:
         except ValueError as exc:
             raise APIError(400, str(exc), param) from exc
         return job
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except (TypeError, ValueError) as exc:  # e.g. a lone surrogate ("\ud800" is valid JSON, not valid text)
+            raise APIError(400, f"prompt: cannot be tokenized ({exc})", "prompt") from exc
 
     def completion(self, req: CompletionRequest) -> list[Job]:
         _unsupported(req)
@@ -173,7 +181,7 @@ class Jobs:
         jobs = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                ids, text = self.tokenizer.encode(prompt), prompt
+                ids, text = self._encode(prompt), prompt
             else:
                 ids = list(prompt)
                 text = self.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
@@ -201,6 +209,15 @@ class Jobs:
             raise APIError(400, f"messages: {exc}", "messages") from exc
         except Exception as exc:  # noqa: BLE001 - a template's own error (jinja2 TemplateError, SecurityError)
             raise APIError(400, f"messages: the chat template refused them: {exc}", "messages") from exc
+        for name in ("max_tokens", "max_completion_tokens"):  # both bounded, even the one not used
+            value = getattr(req, name)
+            if value is not None and value > self.engine.max_model_len:
+                raise APIError(
+                    400,
+                    f"{name}={value} exceeds the model's context of {self.engine.max_model_len} tokens",
+                    name,
+                    "context_length_exceeded",
+                )
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:  # chat's default: as much as the context leaves
             max_tokens = max(1, self.engine.max_model_len - len(ids))

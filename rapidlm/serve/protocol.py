@@ -18,14 +18,43 @@ from pydantic_core import PydanticCustomError
 # Bounds shared by both endpoints (OpenAI's, where it documents them).
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+# Within what torch.Generator.manual_seed accepts ([-2**63, 2**64)); the top is the largest double below 2**64,
+# so a client or validator comparing as floats draws the line at the same place.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 2**12
 
-TokenId = Annotated[int, Field(ge=0)]
+# Bounds that depend on the model (vocabulary size, context length) are marked here and filled in by
+# bind_model_limits when the app builds its OpenAPI schema; the app checks them itself (answering 400).
+TOKEN_ID, CONTEXT_BOUND, MODEL_NAME = "token-id", "context-bound", "model-name"
+_MARK = "x-rapidlm-bound"
+
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={_MARK: TOKEN_ID})]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None
 # One prompt (text or token ids) or a batch of them; a batch answers with one choice per prompt.
-Prompt = str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+PromptText = Annotated[str, Field(min_length=1)]
+Prompt = (
+    PromptText
+    | TokenIds
+    | Annotated[list[PromptText], Field(min_length=1)]
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+
+# Options OpenAI has and rapidlm refuses with a 400 unless left at their neutral value: the schema states the
+# neutral value only (JSON Schema keywords beside pydantic's own), the model accepts OpenAI's range so that
+# the answer is a 400 saying "not supported" rather than a 422 about the range.
+_ONLY_ONE = {"maximum": 1}
+_ONLY_ZERO = {"minimum": 0, "maximum": 0}
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
 
 
 def _field_error(param: str, message: str) -> PydanticCustomError:
@@ -36,7 +65,15 @@ def _field_error(param: str, message: str) -> PydanticCustomError:
 class _Strict(BaseModel):
     # Unknown fields are refused (422 naming them), as OpenAI does: a misspelt parameter silently ignored
     # would generate with settings the client did not ask for.
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: "0.5" is not a temperature and 0 is not `false`; a client sending those has a bug to hear about.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats_are_ints(cls, data: Any) -> Any:
+        # JSON Schema counts 3.0 as an integer, and some clients write every number as a float. Turning
+        # every integral float into an int is safe everywhere: a float field takes an int in strict mode too.
+        return _integral(data)
 
 
 class StreamOptions(_Strict):
@@ -47,15 +84,21 @@ class _SamplingFields(_Strict):
     """Fields both endpoints share. Extensions beyond OpenAI's (top_k, repetition_penalty, ignore_eos,
     stop_token_ids) use vLLM's names."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=256, json_schema_extra={_MARK: MODEL_NAME})
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000, description="-1 or 0 = off")
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="only 0 is supported")
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(default=None, description="not supported: must be empty")
-    n: int = Field(default=1, ge=1, description="only 1 is supported")
+    presence_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="only 0 is supported", json_schema_extra=_ONLY_ZERO
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="only 0 is supported", json_schema_extra=_ONLY_ZERO
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="not supported: must be empty", json_schema_extra={"maxProperties": 0}
+    )
+    n: int = Field(default=1, ge=1, description="only 1 is supported", json_schema_extra=_ONLY_ONE)
     seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
     stop: Stop = None
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
@@ -65,13 +108,37 @@ class _SamplingFields(_Strict):
     user: str | None = Field(default=None, max_length=256)
 
 
+_STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"properties": {"stream": {"const": False}}},
+    "then": {"properties": {"stream_options": {"type": "null"}}},
+}
+
+
 class CompletionRequest(_SamplingFields):
+    # The cross-field rules, in the schema too, so that a fuzzer knows them.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+                    "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+                },
+                _STREAM_OPTIONS_NEED_STREAM,
+            ]
+        }
+    )
+
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=0, description="0 only with echo: score the prompt alone")
+    max_tokens: int | None = Field(
+        default=16,
+        ge=0,
+        description="0 only with echo: score the prompt alone",
+        json_schema_extra={_MARK: CONTEXT_BOUND},
+    )
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(default=None, ge=1, description="only 1 is supported")
-    suffix: str | None = Field(default=None, description="not supported")
+    best_of: int | None = Field(default=None, ge=1, description="only 1 is supported", json_schema_extra=_ONLY_ONE)
+    suffix: str | None = Field(default=None, description="not supported", json_schema_extra={"maxLength": 0})
 
     @model_validator(mode="after")
     def _max_tokens_zero_needs_echo(self) -> CompletionRequest:
@@ -97,9 +164,25 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"logprobs": {"const": False}}},
+                    "then": {"properties": {"top_logprobs": {"type": "null"}}},
+                },
+                _STREAM_OPTIONS_NEED_STREAM,
+            ]
+        }
+    )
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(default=None, ge=1, description="default: the rest of the context")
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="newer name of max_tokens")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="default: the rest of the context", json_schema_extra={_MARK: CONTEXT_BOUND}
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="newer name of max_tokens", json_schema_extra={_MARK: CONTEXT_BOUND}
+    )
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
@@ -291,3 +374,21 @@ class APIError(Exception):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries documenting the error statuses a route can answer."""
     return {s: {"model": ErrorResponse, "description": ERROR_TYPES.get(s, "error")} for s in statuses}
+
+
+def bind_model_limits(schema: Any, model_name: str, vocab_size: int, max_model_len: int) -> None:
+    """Fill the model-dependent bounds into an OpenAPI schema in place (the served model's name, token ids
+    < vocab_size, max_tokens <= max_model_len), so the schema states what the server will accept."""
+    if isinstance(schema, dict):
+        mark = schema.pop(_MARK, None)
+        if mark == TOKEN_ID:
+            schema["maximum"] = vocab_size - 1
+        elif mark == CONTEXT_BOUND:
+            schema["maximum"] = max_model_len
+        elif mark == MODEL_NAME:
+            schema["enum"] = [model_name]
+        for value in schema.values():
+            bind_model_limits(value, model_name, vocab_size, max_model_len)
+    elif isinstance(schema, list):
+        for value in schema:
+            bind_model_limits(value, model_name, vocab_size, max_model_len)

@@ -14,6 +14,7 @@ from tests.serve.conftest import KEY, MODEL
 from tests.serve.fake_engine import REPLY
 
 PROMPT = "The capital of France is"
+JSON = {"content-type": "application/json"}
 
 
 def sse_events(text: str) -> list:
@@ -306,11 +307,13 @@ def test_prompt_too_long_is_400_context_length_exceeded(client, engine):
     assert not engine.submitted  # checked before admission
 
 
-def test_bad_token_ids_and_empty_prompts_are_400(client):
+def test_bad_token_ids_empty_prompts_and_bad_text(client):
     err = error_of(client.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}), 400)
     assert err["param"] == "prompt" and "token ids" in err["message"]
-    err = error_of(client.post("/v1/completions", json={"model": MODEL, "prompt": ""}), 400)
-    assert "empty" in err["message"]
+    err = error_of(client.post("/v1/completions", json={"model": MODEL, "prompt": ""}), 422)
+    assert err["param"] == "prompt" and err["message"].startswith("prompt: ")
+    lone_surrogate = b'{"model": "smollm2-135m", "prompt": "a\\ud800"}'  # valid JSON, not valid text
+    assert error_of(client.post("/v1/completions", content=lone_surrogate, headers=JSON), 422)["param"] == "prompt"
 
 
 def test_unknown_model_is_404(client):
@@ -418,3 +421,25 @@ def test_openapi_schema_documents_errors_and_auth(authed_client):
     assert op["security"] and "HTTPBearer" in schema["components"]["securitySchemes"]
     props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert props["temperature"]["anyOf"][0]["maximum"] == 2
+
+
+def test_types_are_strict_but_integral_floats_count_as_ints(client, engine):
+    ok = client.post("/v1/completions", json={"model": MODEL, "prompt": [1.0, 2.0], "max_tokens": 2.0, "seed": 3.0})
+    assert ok.status_code == 200, ok.text
+    assert engine.submitted[0][1] == [1, 2] and engine.submitted[0][2].seed == 3
+    for bad in ({"seed": "3"}, {"echo": 0}, {"temperature": "0.5"}, {"max_tokens": 2.5}, {"stream": "true"}):
+        error_of(client.post("/v1/completions", json={"model": MODEL, "prompt": "x", **bad}), 422)
+
+
+def test_model_dependent_bounds_are_checked_and_in_the_schema(client, engine):
+    err = error_of(client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stop_token_ids": [10**6]}), 400)
+    assert err["param"] == "stop_token_ids"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 2}
+    err = error_of(client.post("/v1/chat/completions", json={**chat, "max_tokens": 10**6}), 400)
+    assert (err["param"], err["code"]) == ("max_tokens", "context_length_exceeded")
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    props = schema["CompletionRequest"]["properties"]
+    assert props["model"]["enum"] == [MODEL] and props["max_tokens"]["maximum"] == engine.max_model_len
+    assert props["prompt"]["anyOf"][1]["items"]["maximum"] == 49151  # vocabulary size - 1
+    assert "x-rapidlm-bound" not in json.dumps(schema)
+    assert props["n"]["maximum"] == 1 and "allOf" in schema["CompletionRequest"]

@@ -37,6 +37,7 @@ def test_bad_prompts(prompt):
         {"stop": ""},
         {"n": 0},
         {"seed": 2**64},
+        {"seed": 2**64 - 1},
         {"unknown": 1},
         {"stream_options": {"include_usage": True, "x": 1}},
     ],
