@@ -23,6 +23,7 @@ from rapidlm.serve.config import ServerConfig
 
 log = logging.getLogger("rapidlm.serve")
 
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 # Once the engine has drained, every response is complete or errored; this only bounds the last writes.
 _CLOSE_TIMEOUT_S = 5.0
 
@@ -90,6 +91,12 @@ def serve(llm: Any, model_name: str, config: ServerConfig, engine_config: Any) -
     """Start an AsyncEngine over `llm`, serve until SIGTERM/Ctrl-C, drain, stop. Returns the exit code."""
     from rapidlm.engine.async_engine import AsyncEngine
 
+    if config.api_key is None and config.host not in _LOOPBACK:
+        print(
+            f"rapidlm: warning: serving on {config.host} without an API key: anyone who can reach this port can "
+            "use the model (pass --api-key-file)",
+            file=sys.stderr,
+        )
     engine = AsyncEngine(llm, engine_config)
     engine.start()
     server = build_server(engine, llm.tokenizer, model_name, config)

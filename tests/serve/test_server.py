@@ -190,6 +190,15 @@ def test_disconnect_mid_stream_frees_kv_blocks(server):
     assert server.metric("rapidlm_requests_running") == 0
     assert server.metric('rapidlm_requests_total{finish_reason="abort"}') == aborted_before + 1
 
+    # Unstreamed: the client gives up waiting (read timeout closes the connection) and the work stops too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=server.headers, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while server.metric("rapidlm_kv_blocks_used") > 0 or server.metric("rapidlm_requests_running") > 0:
+        assert time.monotonic() < deadline, "an abandoned unstreamed request kept running"
+        time.sleep(0.05)
+    assert server.metric('rapidlm_requests_total{finish_reason="abort"}') == aborted_before + 2
+
 
 def test_beyond_running_and_queued_bounds_is_429(server, client):
     results: list[object] = []
@@ -198,7 +207,7 @@ def test_beyond_running_and_queued_bounds_is_429(server, client):
         try:
             results.append(
                 client.completions.create(
-                    model=MODEL, prompt="Count: 1, 2,", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+                    model=MODEL, prompt="Count: 1, 2,", max_tokens=32, temperature=0, extra_body={"ignore_eos": True}
                 )
             )
         except openai.RateLimitError as exc:
