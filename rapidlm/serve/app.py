@@ -140,8 +140,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if any(e.get("type") == "json_invalid" for e in errors):
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     first = errors[0] if errors else {}
-    loc = []
-    for part in first.get("loc", ())[1:] if first.get("loc", ())[:1] == ("body",) else first.get("loc", ()):
+    raw_loc = tuple(first.get("loc", ()))
+    if raw_loc[:1] == ("body",):
+        raw_loc = raw_loc[1:]
+    loc: list[str] = []
+    for part in raw_loc:
         # A union's branch shows up as a tag ("constrained-str", "list[int]", "str"): the field ends there.
         if isinstance(part, str) and (not part.isidentifier() or part in _TYPE_TAGS):
             break
