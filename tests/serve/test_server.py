@@ -1,7 +1,9 @@
 """End to end: a spawned `rapidlm serve` with the real default model, driven by the official openai client.
 
 One server for the module (loading takes seconds on 2 cores); generations are short. Outputs are compared
-with LLM.generate / LLM.chat in this process for the same inputs.
+with LLM.generate / LLM.chat in this process for the same inputs, both in fp32: there batching, chunked prefill
+and the paged kernel move logits by ~1e-6 and tokens are identical; with bf16 activations such differences
+are rounded up and greedy outputs can part after some tokens (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def server(tmp_path_factory):
     key_file = tmp_path_factory.mktemp("serve") / "key"
     key_file.write_text(KEY + "\n")
     srv = SpawnedServer(
-        ["--model", MODEL, "--api-key-file", str(key_file), "--max-running", "2", "--max-queued", "2"],
+        ["--model", MODEL, "--dtype", "float32", "--api-key-file", str(key_file)]
+        + ["--max-running", "2", "--max-queued", "2"],
         api_key=KEY,
     )
     try:
@@ -67,9 +70,9 @@ def test_unauthenticated_requests_get_401(server, client):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
 
 
-def test_greedy_completions_equal_llm_generate(client, llm_auto):
+def test_greedy_completions_equal_llm_generate(client, llm_fp32):
     params = SamplingParams(temperature=0, max_tokens=12)
-    expected = llm_auto.generate(PROMPTS, params)
+    expected = llm_fp32.generate(PROMPTS, params)
     for prompt, exp in zip(PROMPTS, expected):
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
         assert r.choices[0].text == exp.text
@@ -82,9 +85,9 @@ def test_greedy_completions_equal_llm_generate(client, llm_auto):
     assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == [e.text for e in expected]
 
 
-def test_seeded_sampling_equals_llm_generate(client, llm_auto):
+def test_seeded_sampling_equals_llm_generate(client, llm_fp32):
     kw = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12)
-    exp = llm_auto.generate(PROMPTS[0], SamplingParams(**kw))[0]
+    exp = llm_fp32.generate(PROMPTS[0], SamplingParams(**kw))[0]
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], **kw)
     assert r.choices[0].text == exp.text
     assert streamed_text(client.completions.create(model=MODEL, prompt=PROMPTS[0], stream=True, **kw))[0] == exp.text
@@ -92,13 +95,13 @@ def test_seeded_sampling_equals_llm_generate(client, llm_auto):
     assert other.choices[0].text != exp.text  # the seed is really used (these 12 tokens differ)
 
 
-def test_chat_equals_llm_chat(client, llm_auto):
+def test_chat_equals_llm_chat(client, llm_fp32):
     messages = [{"role": "user", "content": "Name three colours."}]
     for kw in (dict(temperature=0), dict(temperature=0.8, seed=7)):
-        exp = llm_auto.chat(messages, SamplingParams(max_tokens=10, **kw))[0]
+        exp = llm_fp32.chat(messages, SamplingParams(max_tokens=10, **kw))[0]
         r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, **kw)
         assert r.choices[0].message.content == exp.text and r.choices[0].message.role == "assistant"
-        assert r.usage.prompt_tokens == len(llm_auto.chat_prompt(messages))
+        assert r.usage.prompt_tokens == len(llm_fp32.chat_prompt(messages))
         stream = client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}, **kw
         )
@@ -107,10 +110,10 @@ def test_chat_equals_llm_chat(client, llm_auto):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == exp.text
 
 
-def test_stop_strings_and_max_tokens(client, llm_auto):
-    full = llm_auto.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0].text
+def test_stop_strings_and_max_tokens(client, llm_fp32):
+    full = llm_fp32.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12))[0].text
     stop = full.strip().split()[1]  # a word that the greedy continuation reaches
-    exp = llm_auto.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, stop=[stop]))[0]
+    exp = llm_fp32.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, stop=[stop]))[0]
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
     assert r.choices[0].text == exp.text and stop not in r.choices[0].text
     assert r.choices[0].finish_reason == "stop"
@@ -134,22 +137,22 @@ def test_prompt_too_long_and_bad_requests(client):
         client.completions.create(model=MODEL, prompt="x", temperature=5)
 
 
-def test_loglikelihood_request_as_lm_eval_sends_it(client, llm_auto):
+def test_loglikelihood_request_as_lm_eval_sends_it(client, llm_fp32):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    context = llm_auto.tokenizer.encode("The capital of France is")
-    ids = context + llm_auto.tokenizer.encode(" Paris")
+    context = llm_fp32.tokenizer.encode("The capital of France is")
+    ids = context + llm_fp32.tokenizer.encode(" Paris")
     body = dict(model=MODEL, prompt=[ids], temperature=0, max_tokens=1, logprobs=1, seed=1234, echo=True)
     r = client.completions.create(**body)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
     # Reference: the model's own log-softmax over the whole sequence (static cache path).
     with torch.inference_mode():
-        ref = torch.log_softmax(llm_auto.runner.score(ids), dim=-1)
+        ref = torch.log_softmax(llm_fp32.runner.score(ids), dim=-1)
     want = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
-    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=0.05)
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-3)
     [(ll, greedy)] = LocalCompletionsAPI.parse_logprobs(r.model_dump(), ctxlens=[len(context)])
-    assert ll == pytest.approx(want[-1], abs=0.05)
+    assert ll == pytest.approx(want[-1], abs=1e-3)
     assert greedy == (int(ref[len(ids) - 2].argmax()) == ids[-1])
     scored = client.completions.create(**{**body, "max_tokens": 0})  # the prompt alone
     assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
