@@ -9,6 +9,8 @@ import torch
 
 from rapidlm.errors import InvalidSamplingParamsError
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
 
 @dataclass
 class SamplingParams:
@@ -39,8 +41,9 @@ class SamplingParams:
             raise bad("top_k", "must be an int >= 0 (0 disables it)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
-            raise bad("repetition_penalty", "must be a finite number > 0")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.01 <= self.repetition_penalty <= 100:
+            # outside this range dividing a logit by it can overflow to inf (found by fuzzing the server)
+            raise bad("repetition_penalty", "must be between 0.01 and 100")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise bad("seed", "must be an int or None")
         if not isinstance(self.stop, Sequence) or not all(isinstance(s, str) and s for s in self.stop):
@@ -52,7 +55,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5 a temperature only overflows logits / temperature; it means greedy (as in vLLM).
+        return self.temperature < GREEDY_BELOW
 
 
 class SequenceSampler:
@@ -94,6 +98,7 @@ class SequenceSampler:
             cum = sorted_logits.softmax(-1).cumsum(-1)
             # Drop a token when the mass before it already reaches top_p; the top token always stays.
             drop_sorted = (cum - sorted_logits.softmax(-1)) >= p.top_p
+            drop_sorted[0] = False  # explicitly: a top_p under fp32's smallest value rounds to 0 (fuzzing found it)
             drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)  # back to vocab order
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(-1)

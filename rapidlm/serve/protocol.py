@@ -88,7 +88,7 @@ class _SamplingFields(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000, description="-1 or 0 = off")
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10)
     presence_penalty: float | None = Field(
         default=None, ge=-2, le=2, description="only 0 is supported", json_schema_extra=_ONLY_ZERO
     )
