@@ -7,7 +7,7 @@ BENCH_VENV := .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 PROMPT ?= Write a short poem about the sea.
 
-.PHONY: setup run test lint bench-setup bench bench-quant bench-prune bench-serve clean
+.PHONY: setup browser run test lint bench-setup bench bench-quant bench-prune bench-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/rapidlm generate --chat "$(PROMPT)" --max-tokens 128 --temperature 0 --repetition-penalty 1.2 --stats
 
+# The playground test drives Debian's chromium (Playwright's own browser download is not reachable here).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
-test: setup
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
