@@ -1,0 +1,459 @@
+// Paged-attention decode for the CPU: one query token per sequence against K/V rows kept in a pool of blocks.
+//
+//   q            (B, nh, hd)                      fp32
+//   k_pool/v_pool (num_blocks, bs, nkv, hd)       fp32, contiguous
+//   block_tables (B, max_blocks)                  int32: logical position p of sequence b is row p % bs of block
+//                                                 block_tables[b][p / bs]
+//   seq_lens     (B,)                             int32: sequence b attends to [max(0, len - window), len)
+//   out          (B, nh, hd)                      fp32; a sequence of length 0 gets zeros
+//
+// Work: at::parallel_for over the B * nkv (sequence, kv head) pairs, b-major; each thread's contiguous range is cut
+// at sequence boundaries, and a piece (one sequence's kv heads [g0, g1)) walks the sequence's block table one block
+// at a time (one division per sequence, none per token), all of its kv heads within a block before the next block,
+// whose rows it prefetches: a block's rows are streamed from memory together, and each key/value row slice is used
+// by all G = nh / nkv query heads of its group while in L1 (the gather + SDPA path copies every block first, then
+// reads the copy). Per piece:
+//   1. scores s[h][i] = scale * q_h . k_i over the window's positions;
+//   2. p[h][i] = exp(s[h][i] - max_i s[h][i]) (vectorized) and sum_h = sum_i p[h][i];
+//   3. acc[h] = sum_i p[h][i] * v_i, out_h = acc[h] / sum_h.
+// Everything accumulates in fp32. Scratch (scores, accumulators) is allocated once per thread's range, never per
+// token. Only the table entries covering a sequence's window are read, after they are checked to lie in
+// [0, num_blocks); entries past them are never read, and no pool row outside a window enters the arithmetic.
+//
+// Vectors are at::vec::Vectorized<float> (16 lanes with AVX512, 8 with AVX2). When hd is 1, 2, 4, 8 or 16 vectors
+// (hd 64 and 128 are), steps 1 and 3 run register-tiled kernels: a tile of GT query heads keeps q (step 1) or its
+// output accumulators (step 3) in registers across a block's rows, and step 1 finishes four rows' dot products
+// with shared shuffles. Other head dims run plain loops over heads, with one masked partial vector per row.
+
+// at::vec picks its implementation from CPU_CAPABILITY_* macros that only ATen's own build defines. This file is
+// compiled with -march=native, so select the widest one the compiler was told it may use (and an inline namespace
+// of our own, so no symbol can clash with ATen's copies of the same inline functions).
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CPU_CAPABILITY_AVX2 1
+#endif
+#endif
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY rapidlm_paged_native
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// Threads get at least this many multiply-adds each (scores + weighted sums): a parallel region costs a few
+// microseconds, more than a short sequence's attention.
+constexpr int64_t kMinTaskWork = 1 << 15;
+
+// The register-tiled path holds a tile of GT query heads x NV vectors (hd = NV * kW) in registers: q while scoring,
+// the output accumulators while summing values. kAccRegs bounds GT * NV so that fits the register file.
+constexpr int kMaxTile = 8;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kAccRegs = 24;  // of 32 zmm
+#else
+constexpr int kAccRegs = 12;  // of 16 ymm
+#endif
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// Calls fn(i0, row0, count, next_row0) for each run of consecutive positions of [start, end) that lie in one
+// block: i0 = first position - start, row0 = its pool row (block * bs + offset), count = run length, next_row0 =
+// the first pool row of the next block (-1 after the last). One division per sequence, none per token.
+template <typename Fn>
+inline void for_each_run(const int32_t* table, int64_t bs, int64_t start, int64_t end, Fn&& fn) {
+  if (start >= end) return;
+  int64_t blk = start / bs;
+  int64_t off = start - blk * bs;
+  for (int64_t p = start; p < end; ++blk, off = 0) {
+    const int64_t count = std::min(end - p, bs - off);
+    const int64_t next = p + count < end ? static_cast<int64_t>(table[blk + 1]) * bs : -1;
+    fn(p - start, static_cast<int64_t>(table[blk]) * bs + off, count, next);
+    p += count;
+  }
+}
+
+// Asks for `rows` rows of `len` floats (`stride` apart) to be brought towards the core (into L2: prefetcht2), one
+// request per cache line. Issued a block ahead: the next block is random in the pool, so the hardware prefetchers
+// cannot guess it, and a block's worth of work hides most of the memory latency (1.2-1.4x at contexts that spill
+// out of the caches; no cost measurable when they fit).
+inline void prefetch_rows(const float* p, int64_t rows, int64_t stride, int64_t len) {
+#if defined(__GNUC__)
+  constexpr int64_t kLine = 64 / sizeof(float);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < len; i += kLine) __builtin_prefetch(p + r * stride + i, 0, 1);
+#endif
+}
+
+// One task: sequence b's kv heads [g0, g1) and their query heads.
+struct Work {
+  const float* q;  // the first query row of the task's heads ((g1 - g0) * G rows of hd)
+  const float* kp;  // pools, offset to kv head g0: row r of kv head g0 + j at kp + r * stride + j * hd
+  const float* vp;
+  const int32_t* table;
+  int64_t start, end;  // logical positions attended to
+  int64_t kv_heads;    // g1 - g0
+  float* out;          // the task's output rows, like q
+};
+
+struct Shapes {
+  int64_t G, hd, bs, stride;  // heads per group, head dim, block size, floats between pool rows (nkv * hd)
+  float scale;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Register-tiled kernels: hd = NV * kW, GT query heads at a time.
+
+// dst[j] = scale * (sum of a[j]'s lanes), j < 4: four dot products finished together. With AVX512/AVX2 the four
+// horizontal sums share their shuffles (13 instructions instead of 32 with AVX512).
+inline void store_sums4(const Vec (&a)[4], float scale, float* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  // per 128-bit lane: [a0, a1, a0, a1] and [a2, a3, a2, a3] partial sums, then [a0, a1, a2, a3]
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));  // 4 lanes -> 2
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));      // 2 lanes -> 1
+  _mm_storeu_ps(dst, _mm_mul_ps(u, _mm_set1_ps(scale)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  const __m256 s01 = _mm256_add_ps(_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
+  const __m256 s23 = _mm256_add_ps(_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
+  const __m256 s = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  _mm_storeu_ps(dst, _mm_mul_ps(u, _mm_set1_ps(scale)));
+#else
+  for (int j = 0; j < 4; ++j) dst[j] = hsum(a[j]) * scale;
+#endif
+}
+
+// scores[h * n + r] = scale * q_h . k_r for `count` consecutive pool rows from k; rows four at a time.
+template <int NV, int GT>
+void scores_tile(const float* q, const float* k, int64_t count, int64_t stride, float scale, float* scores,
+                 int64_t n) {
+  constexpr int64_t hd = NV * kW;
+  Vec qv[GT][NV];
+  for (int h = 0; h < GT; ++h)
+    for (int c = 0; c < NV; ++c) qv[h][c] = Vec::loadu(q + h * hd + c * kW);
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const float* kr = k + r * stride;
+    for (int h = 0; h < GT; ++h) {
+      Vec acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = qv[h][0] * Vec::loadu(kr + j * stride);
+      for (int c = 1; c < NV; ++c)
+        for (int j = 0; j < 4; ++j) acc[j] = at::vec::fmadd(qv[h][c], Vec::loadu(kr + j * stride + c * kW), acc[j]);
+      store_sums4(acc, scale, scores + h * n + r);
+    }
+  }
+  for (; r < count; ++r) {
+    const float* kr = k + r * stride;
+    for (int h = 0; h < GT; ++h) {
+      Vec acc = qv[h][0] * Vec::loadu(kr);
+      for (int c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[h][c], Vec::loadu(kr + c * kW), acc);
+      scores[h * n + r] = hsum(acc) * scale;
+    }
+  }
+}
+
+// acc[h] += sum_r w[h * n + r] * v_r over `count` consecutive pool rows from v (acc: GT rows of hd).
+template <int NV, int GT>
+void values_tile(const float* w, int64_t n, const float* v, int64_t count, int64_t stride, float* acc) {
+  constexpr int64_t hd = NV * kW;
+  Vec a[GT][NV];
+  for (int h = 0; h < GT; ++h)
+    for (int c = 0; c < NV; ++c) a[h][c] = Vec::loadu(acc + h * hd + c * kW);
+  for (int64_t r = 0; r < count; ++r) {
+    const float* vr = v + r * stride;
+    for (int h = 0; h < GT; ++h) {
+      const Vec wv(w[h * n + r]);
+      for (int c = 0; c < NV; ++c) a[h][c] = at::vec::fmadd(wv, Vec::loadu(vr + c * kW), a[h][c]);
+    }
+  }
+  for (int h = 0; h < GT; ++h)
+    for (int c = 0; c < NV; ++c) a[h][c].store(acc + h * hd + c * kW);
+}
+
+using ScoresFn = void (*)(const float*, const float*, int64_t, int64_t, float, float*, int64_t);
+using ValuesFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+
+struct TileFns {
+  ScoresFn scores[kMaxTile];
+  ValuesFn values[kMaxTile];
+};
+
+template <int NV, int... I>
+constexpr TileFns make_tile_fns(std::integer_sequence<int, I...>) {
+  return TileFns{{&scores_tile<NV, I + 1>...}, {&values_tile<NV, I + 1>...}};
+}
+
+template <int NV>
+constexpr TileFns kTileFns = make_tile_fns<NV>(std::make_integer_sequence<int, kMaxTile>{});
+
+// The tiled kernels for this head dim, or nullptr (the generic path) when hd is not 1, 2, 4, 8 or 16 vectors.
+const TileFns* tile_fns(int64_t hd) {
+  if (hd % kW != 0) return nullptr;
+  switch (hd / kW) {
+    case 1: return &kTileFns<1>;
+    case 2: return &kTileFns<2>;
+    case 4: return &kTileFns<4>;
+    case 8: return &kTileFns<8>;
+    case 16: return &kTileFns<16>;
+    default: return nullptr;
+  }
+}
+
+// Splits G heads into balanced tiles of at most cap heads: (first head, heads) pairs.
+std::vector<std::pair<int64_t, int>> head_tiles(int64_t G, int64_t cap) {
+  const int64_t tiles = (G + cap - 1) / cap;
+  std::vector<std::pair<int64_t, int>> out;
+  int64_t h0 = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t size = G / tiles + (t < G % tiles ? 1 : 0);
+    out.emplace_back(h0, static_cast<int>(size));
+    h0 += size;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Generic kernels (any hd): the same loops over heads with full vectors then one masked partial vector.
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc0(0.f), acc1(0.f);
+  int64_t d = 0;
+  for (; d + 2 * kW <= n; d += 2 * kW) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + d + kW), Vec::loadu(b + d + kW), acc1);
+  }
+  if (d + kW <= n) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
+    d += kW;
+  }
+  if (d < n) {  // partial vector: loadu(ptr, count) zero-fills the lanes past count
+    const int count = static_cast<int>(n - d);
+    acc1 = at::vec::fmadd(Vec::loadu(a + d, count), Vec::loadu(b + d, count), acc1);
+  }
+  return hsum(acc0 + acc1);
+}
+
+inline void axpy(float* y, float w, const float* x, int64_t n) {  // y += w * x
+  const Vec wv(w);
+  int64_t d = 0;
+  for (; d + kW <= n; d += kW) at::vec::fmadd(wv, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+  if (d < n) {
+    const int count = static_cast<int>(n - d);
+    at::vec::fmadd(wv, Vec::loadu(x + d, count), Vec::loadu(y + d, count)).store(y + d, count);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+// p = exp(s - max(s)) in place over n scores; returns sum(p).
+float softmax_numerators(float* s, int64_t n) {
+  const float mx = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
+  const Vec mv(mx);
+  Vec total(0.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Vec e = (Vec::loadu(s + i) - mv).exp_u20();
+    e.store(s + i);
+    total = total + e;
+  }
+  float sum = hsum(total);
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - mx);
+    sum += s[i];
+  }
+  return sum;
+}
+
+// One task. Scratch: scores (kv_heads * G) * n, acc (kv_heads * G) * hd, sums kv_heads * G floats. Key and value
+// rows are visited block by block, every kv head of the task within a block before the next block, so a block's
+// rows (all kv heads side by side) are streamed from memory together and each row slice is used by all G query
+// heads of its group while in L1.
+void attend(const Work& w, const Shapes& s, const TileFns* fns, const std::vector<std::pair<int64_t, int>>& tiles,
+            float* scores, float* acc, float* sums) {
+  const int64_t G = s.G, hd = s.hd, n = w.end - w.start, stride = s.stride, heads = w.kv_heads * G;
+  if (n <= 0) {
+    std::fill(w.out, w.out + heads * hd, 0.f);
+    return;
+  }
+  // 1. scores s[h][i] = scale * q_h . k_i
+  for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t next) {
+    if (next >= 0) prefetch_rows(w.kp + next * stride, s.bs, stride, w.kv_heads * hd);
+    for (int64_t j = 0; j < w.kv_heads; ++j) {
+      const float* k = w.kp + row0 * stride + j * hd;
+      const float* q = w.q + j * G * hd;
+      float* sc = scores + j * G * n + i0;
+      if (fns) {
+        for (const auto& [h0, gt] : tiles) fns->scores[gt - 1](q + h0 * hd, k, count, stride, s.scale, sc + h0 * n, n);
+      } else {
+        for (int64_t r = 0; r < count; ++r)
+          for (int64_t h = 0; h < G; ++h) sc[h * n + r] = dot(q + h * hd, k + r * stride, hd) * s.scale;
+      }
+    }
+  });
+  // 2. softmax numerators and their sums, per head
+  for (int64_t h = 0; h < heads; ++h) sums[h] = softmax_numerators(scores + h * n, n);
+  std::fill(acc, acc + heads * hd, 0.f);
+  // 3. acc[h] = sum_i p[h][i] * v_i
+  for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t next) {
+    if (next >= 0) prefetch_rows(w.vp + next * stride, s.bs, stride, w.kv_heads * hd);
+    for (int64_t j = 0; j < w.kv_heads; ++j) {
+      const float* v = w.vp + row0 * stride + j * hd;
+      const float* p = scores + j * G * n + i0;
+      float* a = acc + j * G * hd;
+      if (fns) {
+        for (const auto& [h0, gt] : tiles) fns->values[gt - 1](p + h0 * n, n, v, count, stride, a + h0 * hd);
+      } else {
+        for (int64_t r = 0; r < count; ++r)
+          for (int64_t h = 0; h < G; ++h) axpy(a + h * hd, p[h * n + r], v + r * stride, hd);
+      }
+    }
+  });
+  // out_h = acc[h] / sum_h
+  for (int64_t h = 0; h < heads; ++h) {
+    const Vec inv(1.f / sums[h]);
+    float* oh = w.out + h * hd;
+    const float* ah = acc + h * hd;
+    int64_t d = 0;
+    for (; d + kW <= hd; d += kW) (Vec::loadu(ah + d) * inv).store(oh + d);
+    if (d < hd) {
+      const int count = static_cast<int>(hd - d);
+      (Vec::loadu(ah + d, count) * inv).store(oh + d, count);
+    }
+  }
+}
+
+at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                  const at::Tensor& block_tables_in, const at::Tensor& seq_lens_in, double scale, int64_t window) {
+  constexpr const char* kName = "rapidlm_paged::decode: ";
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
+                  v_pool.scalar_type() == at::kFloat,
+              kName, "q, k_pool and v_pool must be float32, got ", q_in.scalar_type(), ", ", k_pool.scalar_type(),
+              ", ", v_pool.scalar_type());
+  TORCH_CHECK(q_in.device().is_cpu() && k_pool.device().is_cpu() && v_pool.device().is_cpu() &&
+                  block_tables_in.device().is_cpu() && seq_lens_in.device().is_cpu(),
+              kName, "all tensors must be on the CPU");
+  TORCH_CHECK(q_in.dim() == 3, kName, "q must be (B, nh, hd), got shape ", q_in.sizes());
+  TORCH_CHECK(k_pool.dim() == 4, kName, "k_pool must be (num_blocks, block_size, nkv, hd), got shape ",
+              k_pool.sizes());
+  TORCH_CHECK(v_pool.sizes() == k_pool.sizes(), kName, "v_pool shape ", v_pool.sizes(), " != k_pool shape ",
+              k_pool.sizes());
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), kName, "k_pool and v_pool must be contiguous");
+  const int64_t B = q_in.size(0), nh = q_in.size(1), hd = q_in.size(2);
+  const int64_t num_blocks = k_pool.size(0), bs = k_pool.size(1), nkv = k_pool.size(2);
+  TORCH_CHECK(k_pool.size(3) == hd, kName, "head dim of q (", hd, ") != head dim of k_pool (", k_pool.size(3), ")");
+  TORCH_CHECK(hd > 0 && bs > 0 && nkv > 0, kName, "head dim, block size and nkv must be positive");
+  TORCH_CHECK(nh % nkv == 0, kName, "nh (", nh, ") must be a multiple of nkv (", nkv, ")");
+  TORCH_CHECK(block_tables_in.scalar_type() == at::kInt && block_tables_in.dim() == 2 &&
+                  block_tables_in.size(0) == B,
+              kName, "block_tables must be (B, max_blocks) = (", B, ", *) int32, got ", block_tables_in.scalar_type(),
+              " of shape ", block_tables_in.sizes());
+  TORCH_CHECK(seq_lens_in.scalar_type() == at::kInt && seq_lens_in.dim() == 1 && seq_lens_in.size(0) == B, kName,
+              "seq_lens must be (B,) = (", B, ",) int32, got ", seq_lens_in.scalar_type(), " of shape ",
+              seq_lens_in.sizes());
+  TORCH_CHECK(window >= 0, kName, "window must be >= 0, got ", window);
+
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor tables = block_tables_in.contiguous();
+  const at::Tensor lens = seq_lens_in.contiguous();
+  const int64_t max_blocks = tables.size(1);
+  const int32_t* pt = tables.data_ptr<int32_t>();
+  const int32_t* pl = lens.data_ptr<int32_t>();
+
+  // Each sequence's window, and the table entries it covers, checked before any pool row is read.
+  std::vector<int64_t> starts(B), ends(B);
+  int64_t max_n = 0, total_n = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = pl[b];
+    TORCH_CHECK(len >= 0 && len <= max_blocks * bs, kName, "seq_lens[", b, "] = ", len, " is outside [0, ",
+                max_blocks * bs, "] (max_blocks ", max_blocks, " x block_size ", bs, ")");
+    const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    starts[b] = start;
+    ends[b] = len;
+    if (len > start) {
+      for (int64_t j = start / bs; j <= (len - 1) / bs; ++j) {
+        const int32_t blk = pt[b * max_blocks + j];
+        TORCH_CHECK(blk >= 0 && blk < num_blocks, kName, "block_tables[", b, ", ", j, "] = ", blk,
+                    " is not a block of the pool (num_blocks ", num_blocks, ")");
+      }
+    }
+    max_n = std::max(max_n, len - start);
+    total_n += len - start;
+  }
+
+  at::Tensor out = at::empty({B, nh, hd}, q.options());
+  if (B == 0 || nh == 0) return out;
+  const Shapes s{nh / nkv, hd, bs, nkv * hd, static_cast<float>(scale)};
+  const TileFns* fns = tile_fns(hd);
+  const auto tiles = head_tiles(s.G, fns ? std::clamp<int64_t>(kAccRegs / (hd / kW), 1, kMaxTile) : s.G);
+  const float* pq = q.data_ptr<float>();
+  const float* pk = k_pool.data_ptr<float>();
+  const float* pv = v_pool.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+
+  const int64_t pairs = B * nkv;
+  const int64_t work_per_pair = std::max<int64_t>(1, total_n * 2 * nh * hd / pairs);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / work_per_pair);
+  // Tasks are contiguous ranges of (sequence, kv head) pairs, b-major; a range is cut at sequence boundaries and
+  // each piece (one sequence's kv heads [g0, g1)) runs as one Work.
+  at::parallel_for(0, pairs, grain, [&](int64_t i0, int64_t i1) {
+    const int64_t max_heads = std::min(i1 - i0, nkv) * s.G;
+    std::vector<float> scratch(max_heads * (max_n + hd + 1));
+    float* scores = scratch.data();
+    float* acc = scores + max_heads * max_n;
+    float* sums = acc + max_heads * hd;
+    for (int64_t i = i0; i < i1;) {
+      const int64_t b = i / nkv, g0 = i % nkv, g1 = std::min(nkv, g0 + (i1 - i));
+      const int64_t head0 = b * nh + g0 * s.G;  // first query head of the piece, as a row of q / out
+      const Work w{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
+                   po + head0 * hd};
+      attend(w, s, fns, tiles, scores, acc, sums);
+      i += g1 - g0;
+    }
+  });
+  return out;
+}
+
+std::string simd_name() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "default";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rapidlm_paged, m) {
+  m.def(
+      "decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seq_lens, float scale, "
+      "int window=0) -> Tensor");
+  m.def("simd() -> str", &simd_name);
+}
+
+TORCH_LIBRARY_IMPL(rapidlm_paged, CPU, m) { m.impl("decode", &decode); }

@@ -1,0 +1,257 @@
+"""CPU paged-attention decode: rapidlm's C++ kernel against the gather + mask + fp64 SDPA reference.
+
+Every pool row that no sequence attends to (spare blocks, the tail of a partial last block, rows before a sliding
+window) is NaN, and every table entry a sequence does not read is garbage: a kernel that touched any of them would
+return NaN or fail its bounds check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import shutil
+
+import pytest
+import torch
+
+from rapidlm.runtime.kernels import paged_attention
+from rapidlm.runtime.kernels.paged_attention import (
+    decode_kernel_available,
+    paged_attention_decode,
+    paged_attention_reference,
+)
+
+needs_kernel = pytest.mark.skipif(
+    not decode_kernel_available(),
+    reason="rapidlm's paged-attention CPU kernel unavailable (no compiler, or RAPIDLM_PAGED_KERNEL=0)",
+)
+
+BS = 16
+
+
+def make_case(
+    lens: list[int], nh: int, nkv: int, hd: int, window: int = 0, seed: int = 0, bs: int = BS
+) -> tuple[torch.Tensor, ...]:
+    """q, k_pool, v_pool, block_tables, seq_lens, scale for sequences of the given lengths, their blocks shuffled
+    through a pool with spare blocks; everything the sequences must not read is NaN (pool) or garbage (table)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    counts = [-(-n // bs) for n in lens]
+    num_blocks = sum(counts) + 3  # spare blocks nobody owns
+    max_blocks = max(counts + [0]) + 2  # wider than any sequence needs
+    k_pool = torch.full((num_blocks, bs, nkv, hd), float("nan"))
+    v_pool = torch.full((num_blocks, bs, nkv, hd), float("nan"))
+    tables = torch.randint(-(2**31), 2**31 - 1, (B, max_blocks), generator=g, dtype=torch.int64).to(torch.int32)
+    free = iter(torch.randperm(num_blocks, generator=g).tolist())
+    for b, n in enumerate(lens):
+        start = max(0, n - window) if window else 0
+        for j in range(counts[b]):
+            lo, hi = max(j * bs, start) - j * bs, min(n, (j + 1) * bs) - j * bs  # rows of block j it reads
+            if hi <= lo:
+                continue  # wholly before the window: the entry stays garbage (a freed block)
+            blk = next(free)
+            tables[b, j] = blk
+            k_pool[blk, lo:hi] = torch.randn(hi - lo, nkv, hd, generator=g) * 2
+            v_pool[blk, lo:hi] = torch.randn(hi - lo, nkv, hd, generator=g)
+    q = torch.randn(B, nh, hd, generator=g)
+    return q, k_pool, v_pool, tables, torch.tensor(lens, dtype=torch.int32), hd**-0.5
+
+
+def assert_matches_reference(out: torch.Tensor, args: tuple, window: int = 0) -> None:
+    ref = paged_attention_reference(*args, window)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert not ref.isnan().any()
+    tol = 1e-5 * max(1.0, ref.abs().max().item())
+    err = (out - ref).abs().max().item() if out.numel() else 0.0
+    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+
+
+LENS = {1: [300], 3: [1, 37, 256], 8: [1, 16, 17, 100, 5, 64, 333, 2]}  # 1, partial blocks, exact blocks, many
+
+
+@needs_kernel
+@pytest.mark.parametrize("hd", [64, 128, 40])
+@pytest.mark.parametrize("nh,nkv", [(9, 3), (8, 8), (32, 8)])
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_kernel_matches_reference(B, nh, nkv, hd):
+    args = make_case(LENS[B], nh, nkv, hd, seed=B * 1000 + nh + hd)
+    assert_matches_reference(paged_attention_decode(*args), args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("hd", [8, 13, 16, 32, 96, 256])
+@pytest.mark.parametrize("nh,nkv", [(4, 2), (16, 2), (16, 1)])
+def test_other_head_dims_and_group_sizes(nh, nkv, hd):
+    """Every tile width (1, 2, 4, 8, 16 vectors), the generic path (13, 96) and groups split into several tiles."""
+    args = make_case([3, 50], nh, nkv, hd, seed=hd + nh)
+    assert_matches_reference(paged_attention_decode(*args), args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [1, 7, 16, 50, 500])
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (8, 8, 40)])
+def test_sliding_window(window, nh, nkv, hd):
+    args = make_case([1, 20, 100, 333], nh, nkv, hd, window=window, seed=window)
+    assert_matches_reference(paged_attention_decode(*args, window), args, window)
+
+
+@needs_kernel
+def test_block_size_other_than_16():
+    args = make_case([1, 5, 40], 6, 2, 64, bs=5, seed=3)
+    assert_matches_reference(paged_attention_decode(*args), args)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_empty_sequence_gives_zeros(use_kernel, monkeypatch):
+    if use_kernel and not decode_kernel_available():
+        pytest.skip("kernel unavailable")
+    monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", not use_kernel)
+    args = make_case([0, 20, 0], 4, 2, 64)
+    out = paged_attention_decode(*args)
+    assert torch.equal(out[0], torch.zeros(4, 64)) and torch.equal(out[2], torch.zeros(4, 64))
+    assert_matches_reference(out, args)
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_the_batch_or_threads():
+    """A sequence decoded alone or in any batch, on any number of threads, gives bit-identical outputs."""
+    q, kp, vp, tables, lens, scale = make_case(LENS[8], 9, 3, 64, seed=5)
+    together = paged_attention_decode(q, kp, vp, tables, lens, scale)
+    alone = torch.cat(
+        [paged_attention_decode(q[b : b + 1], kp, vp, tables[b : b + 1], lens[b : b + 1], scale) for b in range(8)]
+    )
+    assert torch.equal(together, alone)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(paged_attention_decode(q, kp, vp, tables, lens, scale), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_strided_query_is_accepted():
+    q, kp, vp, tables, lens, scale = make_case([10, 40], 8, 2, 64)
+    q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
+    assert not q_strided.is_contiguous()
+    assert torch.equal(
+        paged_attention_decode(q_strided, kp, vp, tables, lens, scale),
+        paged_attention_decode(q, kp, vp, tables, lens, scale),
+    )
+
+
+def _bad_inputs() -> list[tuple[str, dict, str]]:
+    return [
+        ("q float64", {"q": lambda a: a["q"].double()}, "float32"),
+        ("k_pool bf16", {"k_pool": lambda a: a["k_pool"].bfloat16()}, "float32"),
+        ("q 2-D", {"q": lambda a: a["q"][:, 0]}, r"\(B, nh, hd\)"),
+        ("k_pool 3-D", {"k_pool": lambda a: a["k_pool"][0]}, "k_pool must be"),
+        ("v_pool shape", {"v_pool": lambda a: a["v_pool"][:, :8]}, "v_pool shape"),
+        ("head dim", {"q": lambda a: a["q"][..., :32]}, "head dim"),
+        ("nh not a multiple", {"q": lambda a: a["q"][:, :3]}, "multiple of nkv"),
+        ("tables int64", {"block_tables": lambda a: a["block_tables"].long()}, "block_tables must be"),
+        ("tables 1-D", {"block_tables": lambda a: a["block_tables"][0]}, "block_tables must be"),
+        ("lens int64", {"seq_lens": lambda a: a["seq_lens"].long()}, "seq_lens must be"),
+        ("lens length", {"seq_lens": lambda a: a["seq_lens"][:1]}, "seq_lens must be"),
+        ("len too long", {"seq_lens": lambda a: a["seq_lens"] + 10_000}, "outside"),
+        ("len negative", {"seq_lens": lambda a: a["seq_lens"] - 100}, "outside"),
+        ("block out of range", {"block_tables": lambda a: a["block_tables"].fill_(999)}, "not a block of the pool"),
+        ("block negative", {"block_tables": lambda a: a["block_tables"].fill_(-1)}, "not a block of the pool"),
+        ("window", {"window": lambda a: -1}, "window"),
+    ]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("label,change,match", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
+def test_bad_inputs_are_rejected(label, change, match, use_kernel, monkeypatch):
+    if use_kernel and not decode_kernel_available():
+        pytest.skip("kernel unavailable")
+    monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", not use_kernel)
+    q, kp, vp, tables, lens, scale = make_case([5, 40], 8, 2, 64)
+    args = {"q": q, "k_pool": kp, "v_pool": vp, "block_tables": tables, "seq_lens": lens, "window": 0}
+    for key, fn in change.items():
+        args[key] = fn(args)
+    with pytest.raises(RuntimeError if use_kernel else ValueError, match=match):
+        paged_attention_decode(
+            args["q"], args["k_pool"], args["v_pool"], args["block_tables"], args["seq_lens"], scale, args["window"]
+        )
+
+
+@needs_kernel
+def test_kernel_requires_contiguous_pools():
+    q, kp, vp, tables, lens, scale = make_case([5, 40], 8, 2, 64)
+    strided = torch.empty(kp.shape[::-1]).permute(3, 2, 1, 0)
+    strided.copy_(kp)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        paged_attention_decode(q, strided, vp, tables, lens, scale)
+
+
+def test_fallback_matches_kernel(monkeypatch):
+    """The pure-torch path (no compiler, or RAPIDLM_PAGED_KERNEL=0) gives the same function."""
+    args = make_case(LENS[3], 9, 3, 64, seed=9)
+    monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", True)
+    fallback = paged_attention_decode(*args, 16)
+    assert torch.equal(fallback, paged_attention_reference(*args, 16))
+    monkeypatch.undo()
+    if decode_kernel_available():
+        assert_matches_reference(paged_attention_decode(*args, 16), args, 16)
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch):
+    from rapidlm.compress.kernels import build
+
+    def no_compiler(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(build, "build_and_load", no_compiler)
+    monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", False)
+    monkeypatch.setattr(paged_attention, "_kernel_tried", False)
+    monkeypatch.setattr(paged_attention, "_kernel_ready", False)
+    args = make_case([20, 3], 4, 2, 64, seed=6)
+    with pytest.warns(RuntimeWarning, match="paged CPU kernel unavailable.*no C\\+\\+ compiler"):
+        out = paged_attention_decode(*args)
+    assert not paged_attention.decode_kernel_available()
+    assert torch.equal(out, paged_attention_reference(*args))
+
+
+def test_env_var_forces_the_fallback(monkeypatch):
+    args = make_case([20, 3], 4, 2, 64, seed=4)
+    monkeypatch.setenv("RAPIDLM_PAGED_KERNEL", "0")
+    try:
+        importlib.reload(paged_attention)  # the module reads the variable at import
+        assert paged_attention.FORCE_FALLBACK and not paged_attention.decode_kernel_available()
+        assert not paged_attention._kernel_tried  # forced off: the build is never attempted
+        assert torch.equal(paged_attention.paged_attention_decode(*args), paged_attention_reference(*args))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(paged_attention)  # back to the environment's setting
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_under_torch_compile_fullgraph(use_kernel, monkeypatch):
+    if use_kernel and not decode_kernel_available():
+        pytest.skip("kernel unavailable")
+    monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", not use_kernel)
+
+    def step(q, k_pool, v_pool, tables, lens):  # noqa: ANN001, ANN202 - ops around the attention, as a model has
+        out = paged_attention_decode(q * 1.0, k_pool, v_pool, tables, lens, 0.125, 24)
+        return out.sum(dim=-1), out
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for lens, seed in (([3, 40, 17], 1), ([70, 2], 2)):  # two batch sizes / table widths through one graph
+        args = make_case(lens, 8, 2, 64, window=24, seed=seed)[:5]
+        got_sum, got = compiled(*args)
+        want_sum, want = step(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or not shutil.which("g++"),
+    reason="the kernel is only required to build on x86-64 Linux with g++",
+)
+def test_kernel_builds_where_a_compiler_is_present():
+    if paged_attention.FORCE_FALLBACK:
+        pytest.skip("RAPIDLM_PAGED_KERNEL=0")
+    assert paged_attention.load_kernel()
+    assert torch.ops.rapidlm_paged.simd() in ("avx512", "avx2")
