@@ -1,8 +1,14 @@
-"""The engine for a server: EngineCore stepping in its own thread, requests streamed to asyncio callers.
+"""The engine for a server: EngineCore stepping in one thread, requests streamed to asyncio callers.
 
-The thread owns the core: requests and aborts reach it as commands on a queue, applied between steps, so
-the core itself needs no locks. Outputs go back to each request's asyncio.Queue through its event loop's
+The stepping thread owns the core: requests and aborts reach it as commands on a queue, applied between steps,
+so the core itself needs no locks. Outputs go back to each request's asyncio.Queue through its event loop's
 call_soon_threadsafe. Model compute releases the GIL, so the event loop keeps serving HTTP meanwhile.
+
+Which thread steps matters on the CPU: PyTorch's OpenMP parallel regions (every matmul and rapidlm's C++
+kernels) started from a thread other than the main one ran 3-9x slower per call here (an int4 decode matmul
+36 -> 118 us, a 64x64 mm 18 -> 167 us; 2 cores, libgomp), which made a whole decode step ~2x slower. So the
+server calls `run_forever()` on the main thread and runs the event loop in another; `start()` (a background
+stepping thread) is for tests and notebooks.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopping = False
-        self._ready = False
+        self._running = False
         self.last_step_time = 0.0
 
     @property
@@ -50,17 +56,22 @@ class AsyncEngine:
 
     @property
     def ready(self) -> bool:
-        """The model is loaded and the step loop is alive."""
-        return self._ready and self._thread is not None and self._thread.is_alive() and not self._closed
+        """The model is loaded and the step loop is running."""
+        return self._running and not self._closed
 
     @property
     def stopping(self) -> bool:
         return self._stopping
 
     def start(self) -> None:
+        """Step in a background thread (tests, notebooks; see the module docstring for why a server doesn't)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="rapidlm-engine", daemon=True)
             self._thread.start()
+
+    def run_forever(self) -> None:
+        """Step in the calling thread (the main one, for speed) until shutdown() is called from elsewhere."""
+        self._loop()
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.core.check_request(prompt_ids, params)
@@ -131,13 +142,19 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._closed = True
         self._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     # ---- the engine thread ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self._ready = True
+        self._running = True
+        try:
+            self._step_until_closed()
+        finally:
+            self._running = False
+
+    def _step_until_closed(self) -> None:
         while not self._closed:
             self._wake.clear()
             with self._lock:

@@ -12,6 +12,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 from typing import Any
 
@@ -98,12 +99,31 @@ def serve(llm: Any, model_name: str, config: ServerConfig, engine_config: Any) -
             file=sys.stderr,
         )
     engine = AsyncEngine(llm, engine_config)
-    engine.start()
     server = build_server(engine, llm.tokenizer, model_name, config)
+
+    # The engine steps on this (the main) thread, where PyTorch's OpenMP kernels run at full speed (see
+    # rapidlm.engine.async_engine); uvicorn's event loop runs in a second thread. Signals arrive on the main
+    # thread, so the handlers are installed here and hand over to the server, which drains and then stops.
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.shutdown()  # ends run_forever() below
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        server.handle_exit(sig, frame)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    http = threading.Thread(target=run_http, name="rapidlm-http", daemon=True)
+    http.start()
     try:
-        server.run()
+        engine.run_forever()
     finally:
         engine.shutdown()
+        server.should_exit = True
+        http.join(timeout=_CLOSE_TIMEOUT_S + 5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:  # e.g. the port was taken: uvicorn logged why
         print("rapidlm: error: the server could not start", file=sys.stderr)
         return 1
