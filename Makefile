@@ -64,7 +64,7 @@ bench-prune: setup
 bench-serve: setup bench-setup
 	$(BENCH_VENV)/bin/pip install -q fastapi uvicorn pydantic-settings sse-starlette 'starlette-context>=0.3.6,<0.4' PyYAML
 	$(BIN)/python benchmarks/serve.py --threads 2 --llama-cpp-python $(BENCH_VENV)/bin/python \
-		--write docs/benchmarks.md --json .bench-work/serve.json
+		--rapidlm-args "--max-running 32" --write docs/benchmarks.md --json .bench-work/serve.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info
