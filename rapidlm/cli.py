@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from rapidlm.engine.sampling import SamplingParams
-from rapidlm.errors import RapidLMError
+from rapidlm.errors import ConfigError, RapidLMError
 from rapidlm.loading.loader import DEFAULT_MODEL, describe_model
 
 
@@ -284,6 +284,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from rapidlm.serve.server import serve
 
     # Every setting is checked before the model loads, so a typo fails in a second, not after a load.
+    if args.compile:
+        raise ConfigError("--compile: the serving engine's paged decode runs eager; drop --compile for `serve`")
     config = ServerConfig(
         host=args.host,
         port=args.port,
