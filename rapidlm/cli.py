@@ -7,6 +7,7 @@ rapidlm eval ppl --data ../shared/data/wikitext-2/valid.txt --ctx 512 --quant in
 rapidlm compress --recipe int4-g32 --out smollm2-int4
 rapidlm compare --recipes dequantized@float32 native int8 int4-g128-gptq --data valid.txt
 rapidlm serve --model smollm2-135m --port 8000 --api-key-file key.txt
+rapidlm profile --model smollm2-135m --gen-len 64 --out prof
 """
 
 from __future__ import annotations
@@ -300,6 +301,23 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     return serve(llm, args.served_model_name or args.model, config, engine_config)
 
 
+def cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
+    from rapidlm.profile.profiler import ProfileConfig, profile
+    from rapidlm.profile.report import table, write_report
+    from rapidlm.profile.roofline import load_ceilings
+
+    # The config is checked before the model loads, so a bad number fails in a second, not after a load.
+    config = ProfileConfig(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, rounds=args.rounds)
+    llm = _load(args)
+    ceilings = load_ceilings(remeasure=args.remeasure)
+    result = profile(llm, config, ceilings)
+    out.write(table(result) + "\n")
+    if args.out:
+        paths = write_report(result, args.out)
+        out.write(f"wrote {paths['html']} (open it in a browser) and {paths['json']}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidlm", description="Fast LLM inference on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -391,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")
     _add_model_args(srv)
 
+    prof = sub.add_parser("profile", help="where generation time goes: step times, parts, roofline (docs/profiling.md)")
+    prof.add_argument("--batch", type=int, default=1, help="prompts decoded together (default: %(default)s)")
+    prof.add_argument("--prompt-len", type=int, default=128, help="tokens per random prompt (default: %(default)s)")
+    prof.add_argument("--gen-len", type=int, default=64, help="tokens generated per prompt (default: %(default)s)")
+    prof.add_argument("--rounds", type=int, default=3, help="plain/instrumented run pairs (default: %(default)s)")
+    prof.add_argument("--remeasure", action="store_true", help="measure the machine's ceilings again (else cached)")
+    prof.add_argument("--out", default=None, help="folder for report.html, its PNGs and profile.json")
+    _add_model_args(prof)
+
     info = sub.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("model_pos", nargs="?", metavar="MODEL", help="alias, .gguf file or HF folder")
     info.add_argument("--model", "-m", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
@@ -415,6 +442,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, inp: Text
             return cmd_compare(args, out)
         if args.command == "serve":
             return cmd_serve(args, out)
+        if args.command == "profile":
+            return cmd_profile(args, out)
         return cmd_info(args, out)
     except (RapidLMError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"rapidlm: error: {exc}", file=sys.stderr)
