@@ -200,20 +200,146 @@ def linear_weight_format(module: nn.Module) -> tuple[float, int | None, int]:
     )
 
 
+def weight_format_name(module: nn.Module) -> str:
+    """The weight format a linear runs in, as Ceilings keys it: float32, bfloat16, float16, int8, int4, w8a8."""
+    name = type(module).__name__
+    if name in ("Int4Linear", "CudaInt4Linear"):
+        return "int4"
+    if name in ("Int8Linear", "CudaInt8Linear"):
+        return "int8"
+    if name == "W8A8Linear":
+        return "w8a8"
+    weight = module.packed_weight if name == "PackedLinear" else getattr(module, "weight", None)
+    if weight is None:
+        raise ValueError(f"weight_format_name: unsupported module type {name}")
+    return str(weight.dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One linear as the cost model sees it: shape and stored format."""
+
+    in_features: int
+    out_features: int
+    fmt: str  # float32, bfloat16, float16, int8, int4 or w8a8 (rapidlm.profile.roofline.WEIGHT_FORMATS)
+    bits: float  # bits per stored weight
+    group_size: int | None = None  # inputs per scale group (None: no scales)
+    scale_bytes: int = 0  # scale (+ offset) bytes per group
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(in_features=self.in_features, out_features=self.out_features)
+        if not self.bits > 0:
+            raise ValueError(f"LinearSpec.bits must be > 0, got {self.bits!r}")
+
+    @classmethod
+    def of(cls, module: nn.Module) -> LinearSpec:
+        bits, group, scale_bytes = linear_weight_format(module)
+        has_bias = getattr(module, "bias", None) is not None
+        fmt = weight_format_name(module)
+        return cls(module.in_features, module.out_features, fmt, bits, group, scale_bytes, has_bias)
+
+    @property
+    def weight_bytes(self) -> float:
+        """Stored bytes: weights + scales (+ bias, kept in fp32 by the quantized modules)."""
+        k, n = self.in_features, self.out_features
+        scales = n * math.ceil(k / self.group_size) * self.scale_bytes if self.group_size else 0
+        return k * n * self.bits / 8 + scales + (4 * n if self.bias else 0)
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+    def cost(self, m: int, act_bytes: int) -> OpCost:
+        return linear_cost(
+            m, self.in_features, self.out_features, self.bits, act_bytes, self.group_size, self.scale_bytes, self.bias
+        )
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer: attention heads and its four linears (fused q|k|v, o, fused gate|up, down)."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    wqkv: LinearSpec
+    wo: LinearSpec
+    w_gate_up: LinearSpec
+    w_down: LinearSpec
+
+    @property
+    def linears(self) -> tuple[LinearSpec, ...]:
+        return (self.wqkv, self.wo, self.w_gate_up, self.w_down)
+
+    @property
+    def intermediate(self) -> int:
+        return self.w_down.in_features
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the cost model needs of a model: per-layer shapes and formats, the head, the embedding table.
+    Built from a loaded model (ModelSpec.of) or from a config and chosen formats (rapidlm.profile.estimate)."""
+
+    hidden: int
+    vocab: int
+    layers: tuple[LayerSpec, ...]
+    head: LinearSpec
+    embed_bytes_per_elem: float  # the embedding table's dtype size
+    norm_bytes_per_elem: float
+    tied_shared: bool  # the head IS the embedding table (tied, both plain float): its bytes count once
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelSpec:
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.attn, layer.mlp
+            layers.append(
+                LayerSpec(
+                    attn.n_heads,
+                    attn.n_kv,
+                    attn.head_dim,
+                    LinearSpec.of(attn.wqkv),
+                    LinearSpec.of(attn.wo),
+                    LinearSpec.of(mlp.w_gate_up),
+                    LinearSpec.of(mlp.w_down),
+                )
+            )
+        head = model.lm_head
+        shared = isinstance(head, nn.Linear) and head.weight is model.embed.weight
+        return cls(
+            hidden=model.cfg.hidden_size,
+            vocab=model.embed.weight.shape[0],
+            layers=tuple(layers),
+            head=LinearSpec.of(head),
+            embed_bytes_per_elem=float(model.embed.weight.element_size()),
+            norm_bytes_per_elem=float(model.norm.weight.element_size()),
+            tied_shared=shared,
+        )
+
+    @property
+    def weight_bytes(self) -> float:
+        """Every stored weight byte: linears (+ scales), the embedding table (once if the head shares it), norms."""
+        linears = sum(lin.weight_bytes for layer in self.layers for lin in layer.linears)
+        embed = self.vocab * self.hidden * self.embed_bytes_per_elem
+        norms = (2 * len(self.layers) + 1) * self.hidden * self.norm_bytes_per_elem
+        return linears + embed + norms + (0 if self.tied_shared else self.head.weight_bytes)
+
+    @property
+    def params(self) -> int:
+        linears = sum(lin.params for layer in self.layers for lin in layer.linears)
+        head = 0 if self.tied_shared else self.head.params
+        return linears + self.vocab * self.hidden + (2 * len(self.layers) + 1) * self.hidden + head
+
+
 def module_linear_cost(module: nn.Module, m: int, act_bytes: int) -> OpCost:
     """linear_cost for `m` rows through a loaded linear module, its format read off the module."""
-    bits, group, scale_bytes = linear_weight_format(module)
-    has_bias = getattr(module, "bias", None) is not None
-    return linear_cost(m, module.in_features, module.out_features, bits, act_bytes, group, scale_bytes, has_bias)
-
-
-def _embedding_elem_bytes(model: nn.Module) -> float:
-    weight = model.embed.weight
-    return float(weight.element_size())
+    return LinearSpec.of(module).cost(m, act_bytes)
 
 
 def step_costs(
-    model: nn.Module,
+    model: nn.Module | ModelSpec,
     batch: int,
     q_len: int,
     kv_len: int,
@@ -227,30 +353,27 @@ def step_costs(
     batch sequences each feed q_len tokens (1 = a decode step) and attend over kv_len keys. The output head runs
     on the last position of each sequence only, as rapidlm's prefill and decode do. Keys: embedding, norms
     (every RMSNorm), qkv_proj, rotary, attention, o_proj (+ the residual add after attention), mlp (gate/up,
-    silu·up, down, + the residual add after the MLP), head."""
+    silu·up, down, + the residual add after the MLP), head. Attention and RoPE run in the KV cache's dtype
+    (kv_bytes; rapidlm widens q and k to it before RoPE)."""
     _positive(batch=batch, q_len=q_len, kv_len=kv_len, act_bytes=act_bytes, kv_bytes=kv_bytes)
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.of(model)
     tokens = batch * q_len
-    hidden = model.cfg.hidden_size
+    hidden = spec.hidden
     costs = dict.fromkeys(STEP_KEYS, ZERO)
-    costs["embedding"] = embedding_cost(tokens, hidden, _embedding_elem_bytes(model), act_bytes)
-    for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
-        # Attention.forward widens q and k to the cache dtype before RoPE: rotary and attention run in kv_bytes.
+    costs["embedding"] = embedding_cost(tokens, hidden, spec.embed_bytes_per_elem, act_bytes)
+    for layer in spec.layers:
         costs["norms"] += norm_cost(tokens, hidden, act_bytes) * 2
-        costs["qkv_proj"] += module_linear_cost(attn.wqkv, tokens, act_bytes)
-        costs["rotary"] += rope_cost(tokens, attn.n_heads, attn.n_kv, attn.head_dim, kv_bytes)
+        costs["qkv_proj"] += layer.wqkv.cost(tokens, act_bytes)
+        costs["rotary"] += rope_cost(tokens, layer.n_heads, layer.n_kv_heads, layer.head_dim, kv_bytes)
         costs["attention"] += attention_cost(
-            batch, q_len, kv_len, attn.n_heads, attn.n_kv, attn.head_dim, kv_bytes, act_bytes, causal
+            batch, q_len, kv_len, layer.n_heads, layer.n_kv_heads, layer.head_dim, kv_bytes, act_bytes, causal
         )
-        costs["o_proj"] += module_linear_cost(attn.wo, tokens, act_bytes)
-        costs["o_proj"] += elementwise_cost(tokens * hidden, 1, 2, act_bytes)
-        inter = mlp.w_down.in_features
-        costs["mlp"] += module_linear_cost(mlp.w_gate_up, tokens, act_bytes)
-        costs["mlp"] += elementwise_cost(tokens * inter, SILU_MUL_FLOPS, 2, act_bytes)
-        costs["mlp"] += module_linear_cost(mlp.w_down, tokens, act_bytes)
-        costs["mlp"] += elementwise_cost(tokens * hidden, 1, 2, act_bytes)
+        costs["o_proj"] += layer.wo.cost(tokens, act_bytes) + elementwise_cost(tokens * hidden, 1, 2, act_bytes)
+        costs["mlp"] += layer.w_gate_up.cost(tokens, act_bytes)
+        costs["mlp"] += elementwise_cost(tokens * layer.intermediate, SILU_MUL_FLOPS, 2, act_bytes)
+        costs["mlp"] += layer.w_down.cost(tokens, act_bytes) + elementwise_cost(tokens * hidden, 1, 2, act_bytes)
     costs["norms"] += norm_cost(batch, hidden, act_bytes)  # the final norm, last positions only
-    costs["head"] = module_linear_cost(model.lm_head, batch, act_bytes)
+    costs["head"] = spec.head.cost(batch, act_bytes)
     return costs
 
 

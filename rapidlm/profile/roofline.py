@@ -1,0 +1,488 @@
+"""Hardware ceilings and the roofline: how long an op of known FLOPs and bytes must take on a machine.
+
+A machine is described by a `Ceilings`: memory bandwidth, peak FLOP/s per dtype and the fixed cost of one
+framework op. `cpu-here` measures them on this machine (a few seconds, cached per CPU model and thread count);
+GPUs come from datasheets (HARDWARE). The roofline time of an op is
+
+    t = max(flops / peak_flops[dtype], bytes / bandwidth)
+
+A CPU running rapidlm eagerly is not only bound by those two: every op also costs a fixed amount (Python, the
+dispatcher, OpenMP's fork/join), and the decode matmul kernels stream their weights at their own rate, below the
+copy bandwidth. So `cpu-here` also measures, for each weight format rapidlm runs, its decode kernel's weight
+streaming rate (a large matrix at one token: weight bytes / time), the fixed cost of one such linear call (a
+tiny matrix) and the fixed cost per op of a whole decoder layer built with it (the layer at width 64, where no
+op moves more than a few KiB, divided by its op count). rapidlm.profile.estimate combines them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rapidlm.profile.costs import OpCost
+
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+# Weight formats a decode linear can have (rapidlm.profile.costs.linear_weight_format maps modules to these).
+WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4", "w8a8")
+DEVICES = ("cpu", "cuda")
+CACHE_VERSION = 1  # bump when what is measured changes, so old cache files are re-measured
+
+# Framework ops in one rapidlm decoder layer's eager forward (models/llama.py, models/layers.py,
+# runtime/attention.py, runtime/kv_cache.py), as the PyTorch profiler counts top-level ops at one decode step:
+# 2 RMSNorms x 8 (vector_norm, square_, div_, add_, rsqrt_, empty_like, mul, weight mul), 4 linears, q|k|v view
+# and 4 slices, the widening .to, RoPE 5 (2 slices, cat, mul, addcmul), cache write 2 index_put + .to + 2
+# slices read back, SDPA + transpose, output transpose + reshape + .to, 2 residual adds, MLP split + silu + mul.
+CPU_OPS_PER_LAYER = 49
+
+
+@dataclass
+class Ceilings:
+    """What a machine can do. flops_gflops is keyed by dtype ("float32", "bfloat16", "int8", ...)."""
+
+    name: str
+    bandwidth_gbs: float  # streaming copy: bytes read + written per second, GB/s (1e9)
+    flops_gflops: dict[str, float]  # peak dense matmul rate by dtype, GFLOP/s (int8: GOP/s)
+    op_overhead_us: float  # fixed cost per framework op call (CPU dispatch / GPU launch)
+    source: str  # "measured on <cpu>, <n> threads, <date>" or "datasheet: <what>"
+    device: str = "cpu"  # "cpu" (rapidlm's eager CPU path) or "cuda" (CUDA-graph decode)
+    threads: int | None = None  # CPU threads the measurement used
+    # Measured on cpu-here, per weight format (WEIGHT_FORMATS); a missing format falls back as noted:
+    weight_stream_gbs: dict[str, float] = field(default_factory=dict)  # decode kernel's weight bytes/s (bandwidth)
+    linear_overhead_us: dict[str, float] = field(default_factory=dict)  # one linear call's fixed cost (op_overhead)
+    layer_op_overhead_us: dict[str, float] = field(default_factory=dict)  # fixed cost per op in a layer (op_overhead)
+    memory_gib: float | None = None  # device memory (GPUs) or RAM, for "does it fit"
+    details: dict[str, str] = field(default_factory=dict)  # how each number was obtained
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Ceilings.name must be a non-empty string, got {self.name!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"Ceilings.device must be one of {list(DEVICES)}, got {self.device!r}")
+        _check_positive("Ceilings.bandwidth_gbs", self.bandwidth_gbs)
+        _check_positive("Ceilings.op_overhead_us", self.op_overhead_us, allow_zero=True)
+        if not isinstance(self.flops_gflops, dict) or not self.flops_gflops:
+            raise ValueError(f"Ceilings.flops_gflops must be a non-empty dict dtype -> GFLOP/s: {self.flops_gflops}")
+        for table, keys in (
+            ("flops_gflops", DTYPES),
+            ("weight_stream_gbs", WEIGHT_FORMATS),
+            ("linear_overhead_us", WEIGHT_FORMATS),
+            ("layer_op_overhead_us", WEIGHT_FORMATS),
+        ):
+            for key, value in getattr(self, table).items():
+                if key not in keys:
+                    raise ValueError(f"Ceilings.{table} has unknown key {key!r} (valid: {', '.join(keys)})")
+                _check_positive(f"Ceilings.{table}[{key!r}]", value, allow_zero=table != "flops_gflops")
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError("Ceilings.source must say where the numbers come from (measured or datasheet)")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
+            raise ValueError(f"Ceilings.threads must be a positive int or None, got {self.threads!r}")
+        if self.memory_gib is not None:
+            _check_positive("Ceilings.memory_gib", self.memory_gib)
+
+    # ---- lookups with the documented fallbacks ----
+
+    def peak_gflops(self, dtype: str) -> float:
+        if dtype not in self.flops_gflops:
+            if dtype == "float16" and "bfloat16" in self.flops_gflops:
+                return self.flops_gflops["bfloat16"]
+            raise ValueError(
+                f"hardware {self.name!r} has no peak for dtype {dtype!r} (has: {', '.join(self.flops_gflops)})"
+            )
+        return self.flops_gflops[dtype]
+
+    def stream_gbs(self, weight_format: str) -> float:
+        """Rate at which a decode linear of this format streams its weights (GB/s); the copy bandwidth where
+        it was not measured (datasheet hardware)."""
+        return self.weight_stream_gbs.get(weight_format, self.bandwidth_gbs)
+
+    def linear_fixed_us(self, weight_format: str) -> float:
+        return self.linear_overhead_us.get(weight_format, self.op_overhead_us)
+
+    def layer_op_us(self, weight_format: str) -> float:
+        return self.layer_op_overhead_us.get(weight_format, self.op_overhead_us)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Ceilings:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Ceilings: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def _check_positive(name: str, value: object, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def op_time_s(cost: OpCost, ceilings: Ceilings, dtype: str) -> float:
+    """The roofline: max(flops / peak, bytes / bandwidth) in seconds (no fixed per-op cost)."""
+    compute = cost.flops / (ceilings.peak_gflops(dtype) * 1e9)
+    memory = cost.bytes / (ceilings.bandwidth_gbs * 1e9)
+    return max(compute, memory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasheet hardware. Dense (no sparsity) tensor-core peaks; bandwidth is the HBM/GDDR figure. op_overhead_us
+# is the cost of one small kernel in rapidlm's CUDA-graph decode step, measured on an H200 (docs/cuda.md: the
+# six small kernels per layer of the 7B shape and the gaps between launches took 0.62 ms for 32 layers = 192
+# kernels, 3.2 us each); launch gaps inside a graph are similar across these GPUs, so it is used for all.
+
+_GPU_OP_US = 3.2
+_GPU_OP_NOTE = "3.2 us per small kernel, measured in rapidlm's CUDA-graph decode on an H200 (docs/cuda.md)"
+
+HARDWARE: dict[str, Ceilings] = {
+    "h100": Ceilings(
+        name="h100",
+        bandwidth_gbs=3350.0,
+        flops_gflops={"float32": 67_000.0, "bfloat16": 989_000.0, "float16": 989_000.0, "int8": 1_979_000.0},
+        op_overhead_us=_GPU_OP_US,
+        source="datasheet: NVIDIA H100 SXM5 80GB, 3.35 TB/s HBM3, 989 TFLOP/s bf16 dense, 1979 TOPS int8 dense, "
+        "67 TFLOP/s fp32 (non-tensor)",
+        device="cuda",
+        memory_gib=80 * 1e9 / 2**30,
+        details={"op_overhead_us": _GPU_OP_NOTE},
+    ),
+    "h100-pcie": Ceilings(
+        name="h100-pcie",
+        bandwidth_gbs=2000.0,
+        flops_gflops={"float32": 51_000.0, "bfloat16": 756_000.0, "float16": 756_000.0, "int8": 1_513_000.0},
+        op_overhead_us=_GPU_OP_US,
+        source="datasheet: NVIDIA H100 PCIe 80GB, 2.0 TB/s HBM2e, 756 TFLOP/s bf16 dense, 1513 TOPS int8 dense, "
+        "51 TFLOP/s fp32",
+        device="cuda",
+        memory_gib=80 * 1e9 / 2**30,
+        details={"op_overhead_us": _GPU_OP_NOTE},
+    ),
+    "h200": Ceilings(
+        name="h200",
+        bandwidth_gbs=4800.0,
+        flops_gflops={"float32": 67_000.0, "bfloat16": 989_000.0, "float16": 989_000.0, "int8": 1_979_000.0},
+        op_overhead_us=_GPU_OP_US,
+        source="datasheet: NVIDIA H200 SXM 141GB, 4.8 TB/s HBM3e, 989 TFLOP/s bf16 dense, 1979 TOPS int8 dense, "
+        "67 TFLOP/s fp32",
+        device="cuda",
+        memory_gib=141 * 1e9 / 2**30,
+        details={"op_overhead_us": _GPU_OP_NOTE},
+    ),
+    "a100": Ceilings(
+        name="a100",
+        bandwidth_gbs=2039.0,
+        flops_gflops={"float32": 19_500.0, "bfloat16": 312_000.0, "float16": 312_000.0, "int8": 624_000.0},
+        op_overhead_us=_GPU_OP_US,
+        source="datasheet: NVIDIA A100 SXM4 80GB, 2.039 TB/s HBM2e, 312 TFLOP/s bf16 dense, 624 TOPS int8 dense, "
+        "19.5 TFLOP/s fp32",
+        device="cuda",
+        memory_gib=80 * 1e9 / 2**30,
+        details={"op_overhead_us": _GPU_OP_NOTE},
+    ),
+    "a100-40gb": Ceilings(
+        name="a100-40gb",
+        bandwidth_gbs=1555.0,
+        flops_gflops={"float32": 19_500.0, "bfloat16": 312_000.0, "float16": 312_000.0, "int8": 624_000.0},
+        op_overhead_us=_GPU_OP_US,
+        source="datasheet: NVIDIA A100 SXM4 40GB, 1.555 TB/s HBM2, 312 TFLOP/s bf16 dense, 624 TOPS int8 dense, "
+        "19.5 TFLOP/s fp32",
+        device="cuda",
+        memory_gib=40 * 1e9 / 2**30,
+        details={"op_overhead_us": _GPU_OP_NOTE},
+    ),
+    "l4": Ceilings(
+        name="l4",
+        bandwidth_gbs=300.0,
+        flops_gflops={"float32": 30_300.0, "bfloat16": 121_000.0, "float16": 121_000.0, "int8": 242_000.0},
+        op_overhead_us=_GPU_OP_US,
+        source="datasheet: NVIDIA L4 24GB, 300 GB/s GDDR6, 121 TFLOP/s bf16 dense, 242 TOPS int8 dense, "
+        "30.3 TFLOP/s fp32",
+        device="cuda",
+        memory_gib=24 * 1e9 / 2**30,
+        details={"op_overhead_us": _GPU_OP_NOTE},
+    ),
+}
+
+CPU_HERE = "cpu-here"
+
+
+def hardware_names() -> list[str]:
+    return [CPU_HERE, *HARDWARE]
+
+
+def get_hardware(name: str, remeasure: bool = False, cache_dir: Path | None = None) -> Ceilings:
+    """`cpu-here` (measured, cached) or a datasheet entry of HARDWARE; unknown names list the valid ones."""
+    if name == CPU_HERE:
+        return load_ceilings(remeasure=remeasure, cache_dir=cache_dir)
+    if name not in HARDWARE:
+        raise ValueError(f"unknown hardware {name!r}; valid: {', '.join(hardware_names())}")
+    return HARDWARE[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring this machine
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        if m:
+            return re.sub(r"\s+", " ", m.group(1)).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _best(fn: Callable[[], object], inner: int, repeats: int) -> float:
+    """Seconds per call: the best of `repeats` timings of `inner` calls (the best, because interference from
+    other processes only ever slows a run down; a ceiling is what the machine can do)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t) / inner)
+    return min(times)
+
+
+def _median_of_best(fn: Callable[[], object], inner: int, repeats: int, rounds: int = 3) -> float:
+    return statistics.median(_best(fn, inner, repeats) for _ in range(rounds))
+
+
+def measure_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """GB/s of a streaming copy of `mib` MiB (bytes read + written), far beyond any cache."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    t = _best(lambda: dst.copy_(src), 1, repeats)
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def measure_gemm(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s (int8: GOP/s) of an n x n x n matmul: fp32/bf16 by torch.matmul, int8 by torch._int_mm."""
+    if dtype == torch.int8:
+        a = torch.randint(-127, 127, (n, n), dtype=torch.int8)
+        b = torch.randint(-127, 127, (n, n), dtype=torch.int8)
+        fn = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        fn = lambda: torch.matmul(a, b)  # noqa: E731
+    return 2 * n**3 / _best(fn, 1, repeats) / 1e9
+
+
+def _make_linear(fmt: str, n: int, k: int) -> tuple[torch.nn.Module, torch.dtype]:
+    """One decode linear of weight format `fmt` as rapidlm runs it on this CPU, random weights, and the
+    activation dtype it runs with."""
+    from torch import nn
+
+    lin = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    if fmt == "float32":
+        return lin, torch.float32
+    if fmt in ("bfloat16", "float16"):
+        from rapidlm.runtime.cpu_linear import PackedLinear, mkldnn_bf16_available
+
+        lin = lin.to(torch.bfloat16)
+        return (PackedLinear(lin) if mkldnn_bf16_available() else lin), torch.bfloat16
+    if fmt == "int8":  # GGUF Q8_0's layout: groups of 32, one fp32 scale each (the default model's head)
+        from rapidlm.compress.kernels.int8_cpu import Int8Linear, Int8Weight
+
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        return Int8Linear(Int8Weight(q, torch.rand(n, k // 32) * 1e-3, 32)), torch.bfloat16
+    if fmt == "int4":  # GGUF Q4_0/Q4_1's layout: groups of 32, fp16 scale and offset
+        from rapidlm.compress.kernels.int4_cpu import Int4Linear, Int4Weight
+
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        scale = (torch.rand(n, k // 32) * 1e-3).half().float()
+        return Int4Linear(Int4Weight(q, scale, -8 * scale, 32)), torch.bfloat16
+    if fmt == "w8a8":
+        from rapidlm.compress.kernels.w8a8_cpu import W8A8Linear
+
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        return W8A8Linear(q, torch.rand(n) * 1e-3), torch.bfloat16
+    raise ValueError(f"unknown weight format {fmt!r} (valid: {', '.join(WEIGHT_FORMATS)})")
+
+
+def measure_weight_stream(fmt: str, n: int = 2048, k: int = 2048, total_mib: int = 128) -> float:
+    """GB/s at which rapidlm's decode linear of format `fmt` streams its weights: one token through copies of
+    an n x k matrix holding `total_mib` MiB together (4x this machine's 32 MiB L3; a model's weights do not fit
+    a cache either), each call's weight + scale bytes over its time less the fixed cost of one call."""
+    import copy
+
+    from rapidlm.profile.costs import LinearSpec
+
+    probe, act = _make_linear(fmt, n, k)
+    per_matrix = LinearSpec.of(probe).weight_bytes
+    mods = [probe]
+    for _ in range(max(2, int(total_mib * 2**20 // per_matrix)) - 1):
+        try:
+            mods.append(copy.deepcopy(probe))  # a memcpy: faster than packing again
+        except (NotImplementedError, RuntimeError):  # oneDNN's packed weight is opaque: pack another one
+            mods.append(_make_linear(fmt, n, k)[0])
+    x = torch.randn(1, k).to(act)
+    i = [0]
+
+    def call() -> None:
+        i[0] = (i[0] + 1) % len(mods)
+        mods[i[0]](x)
+
+    with torch.inference_mode():
+        t = _best(call, len(mods), 5)
+    fixed = measure_linear_overhead(fmt) * 1e-6
+    return per_matrix / max(t - fixed, t / 2) / 1e9
+
+
+def measure_linear_overhead(fmt: str) -> float:
+    """Microseconds of one call of format `fmt` on a 64 x 64 matrix: its fixed cost (module call, dispatch,
+    threads), the data being a few KiB."""
+    mod, act = _make_linear(fmt, 64, 64)
+    x = torch.randn(1, 64).to(act)
+    with torch.inference_mode():
+        return _median_of_best(lambda: mod(x), 200, 5) * 1e6
+
+
+def tiny_layer_runner(fmt: str, num_layers: int = 1):  # noqa: ANN201
+    """A ModelRunner over a rapidlm Transformer of width 64 whose layers' linears have format `fmt` (random
+    weights): every op's data fits in L1, so its decode step's time is fixed cost."""
+    from torch import nn
+
+    from rapidlm.config import ModelConfig
+    from rapidlm.models.llama import Transformer
+    from rapidlm.runtime.model_runner import ModelRunner
+
+    cfg = ModelConfig("LlamaForCausalLM", 64, 64, 64, num_layers, 4, 2)
+    torch.manual_seed(0)
+    model = Transformer(cfg, 128).eval().requires_grad_(False)
+    _, act = _make_linear(fmt, 64, 64)
+    model.to(act)
+    if fmt not in ("float32", "bfloat16", "float16"):
+        for layer in model.layers:
+            for parent in (layer.attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if type(child) is nn.Linear:
+                        setattr(parent, name, _make_linear(fmt, child.out_features, child.in_features)[0])
+    return ModelRunner(model, cfg, torch.device("cpu"), act)  # packs bf16 linears, as LLM does
+
+
+def measure_layer_op_overhead(fmt: str, rounds: int = 5) -> float:
+    """Microseconds per framework op inside a decoder layer of format `fmt`: a width-64 model's decode step
+    with 9 layers minus with 1 layer, / 8 layers / CPU_OPS_PER_LAYER. Best of interleaved rounds."""
+    runs = {}
+    for layers in (1, 9):
+        runner = tiny_layer_runner(fmt, layers)
+        cache = runner.allocate(1, 64)
+        runner.prefill(cache, 0, [1, 2, 3, 4])
+        runs[layers] = (runner, cache)
+    token, pos = torch.tensor([1]), torch.tensor([4])
+    best = {1: math.inf, 9: math.inf}
+    for _ in range(rounds):
+        for layers, (runner, cache) in runs.items():
+            best[layers] = min(best[layers], _best(lambda r=runner, c=cache: r.decode(c, token, pos, 5), 10, 3))
+    return max(best[9] - best[1], 0.0) / 8 / CPU_OPS_PER_LAYER * 1e6
+
+
+def measure_ceilings(threads: int | None = None, formats: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4",
+                                                                              "w8a8")) -> Ceilings:
+    """Measure this CPU (a few seconds): copy bandwidth, GEMM rate per dtype, and for each weight format its
+    decode kernel's streaming rate, a linear call's fixed cost and the fixed cost per op of a decoder layer."""
+    from rapidlm.runtime.device import set_threads
+
+    if threads is not None:
+        set_threads(threads)
+    n_threads = torch.get_num_threads()
+    started = time.perf_counter()
+    bandwidth = measure_bandwidth()
+    flops = {
+        "float32": measure_gemm(torch.float32),
+        "bfloat16": measure_gemm(torch.bfloat16),
+        "int8": measure_gemm(torch.int8),
+    }
+    stream, lin_us, layer_us = {}, {}, {}
+    for fmt in formats:
+        try:
+            stream[fmt] = measure_weight_stream(fmt)
+            lin_us[fmt] = measure_linear_overhead(fmt)
+            layer_us[fmt] = measure_layer_op_overhead(fmt)
+        except (RuntimeError, ValueError):  # a format this machine cannot run (no kernel): left to the fallbacks
+            continue
+    op_us = layer_us.get("float32") or next(iter(layer_us.values()), 0.0)
+    date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return Ceilings(
+        name=CPU_HERE,
+        bandwidth_gbs=bandwidth,
+        flops_gflops=flops,
+        op_overhead_us=op_us,
+        source=f"measured on {cpu_model()}, {n_threads} threads, {date} ({time.perf_counter() - started:.0f} s)",
+        device="cpu",
+        threads=n_threads,
+        weight_stream_gbs=stream,
+        linear_overhead_us=lin_us,
+        layer_op_overhead_us=layer_us,
+        memory_gib=_ram_gib(),
+        details={
+            "bandwidth_gbs": "copy_ of 256 MiB fp32 (bytes read + written), best of 7",
+            "flops_gflops": "2048^3 matmul (int8: torch._int_mm), best of 5",
+            "weight_stream_gbs": "rapidlm's linear of that format, 1 token x 2048x2048, copies over 192 MiB, "
+            "(weight + scale bytes) / (time - fixed call cost)",
+            "linear_overhead_us": "the same linear at 64x64, 1 token",
+            "layer_op_overhead_us": f"width-64 decode step, (5 layers - 1 layer) / 4 / {CPU_OPS_PER_LAYER} ops",
+            "op_overhead_us": "layer_op_overhead_us of float32",
+        },
+    )
+
+
+def _ram_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rapidlm"
+
+
+def cache_path(cache_dir: Path | None = None, threads: int | None = None) -> Path:
+    """~/.cache/rapidlm/ceilings-<cpu model>-<threads>t.json"""
+    n = threads or torch.get_num_threads()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-").lower() or "cpu"
+    return (cache_dir or default_cache_dir()) / f"ceilings-{slug}-{n}t.json"
+
+
+def load_ceilings(remeasure: bool = False, cache_dir: Path | None = None, threads: int | None = None) -> Ceilings:
+    """cpu-here's ceilings: read from the cache (keyed by CPU model and thread count), else measured and
+    written there. remeasure=True measures again and overwrites the cache."""
+    if threads is not None:
+        from rapidlm.runtime.device import set_threads
+
+        set_threads(threads)
+    path = cache_path(cache_dir)
+    if not remeasure and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("cache_version", None) == CACHE_VERSION:
+                return Ceilings.from_json(data)
+        except (ValueError, TypeError, json.JSONDecodeError):
+            pass  # an unreadable or outdated cache is measured again
+    ceilings = measure_ceilings()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"cache_version": CACHE_VERSION, **ceilings.to_json()}, indent=1))
+    tmp.replace(path)
+    return ceilings
