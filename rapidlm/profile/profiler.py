@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -468,23 +470,25 @@ class Profile:
         return step_stats(self.plain_decode_s if plain else self.decode.wall_s)
 
     def accounting(self, phase: str = "decode") -> dict[str, float]:
-        """Parts (each its own clocks) against the step wall time of the same, instrumented, steps."""
+        """Parts (each its own clocks) against the step wall time of the same, instrumented, steps; and, less
+        the hooks' calibrated cost, against the un-instrumented steps of the plain pass (medians: the passes
+        alternate, and a burst of other work on the machine lands in one of them)."""
         ph = self.decode if phase == "decode" else self.prefill
+        plain = self.plain_decode_s if phase == "decode" else self.plain_prefill_s
         wall = math.fsum(ph.wall_s)
         parts = math.fsum(math.fsum(v) for v in ph.parts_s.values())
-        plain = math.fsum(self.plain_decode_s if phase == "decode" else self.plain_prefill_s)
-        plain_steps = len(self.plain_decode_s if phase == "decode" else self.plain_prefill_s)
-        corrected = parts - math.fsum(math.fsum(v) for v in ph.hook_s.values())
+        corrected = [sum(ph.parts_s[k][i] - ph.hook_s[k][i] for k in KINDS) for i in range(ph.steps)]
         return {
             "steps": ph.steps,
             "wall_s": wall,
             "parts_s": parts,
             "unattributed_s": wall - parts,
             "unattributed_share": (wall - parts) / wall if wall > 0 else 0.0,
-            # The same parts, less the hooks' calibrated cost, per step, against the un-instrumented steps.
-            "plain_step_s": plain / max(1, plain_steps),
-            "corrected_parts_step_s": corrected / max(1, ph.steps),
             "instrumented_step_s": wall / max(1, ph.steps),
+            "plain_step_s": math.fsum(plain) / max(1, len(plain)),
+            "plain_step_p50_s": statistics.median(plain) if plain else 0.0,
+            "instrumented_step_p50_s": statistics.median(ph.wall_s) if ph.wall_s else 0.0,
+            "corrected_parts_step_p50_s": statistics.median(corrected) if corrected else 0.0,
         }
 
     @property
@@ -493,9 +497,9 @@ class Profile:
         return math.fsum(self.plain_prefill_s) / max(1, len(self.plain_prefill_s))
 
     def hook_overhead(self) -> float:
-        """How much slower an instrumented decode step is than a plain one (a fraction)."""
-        plain = math.fsum(self.plain_decode_s) / len(self.plain_decode_s)
-        return self.decode.mean_wall / plain - 1 if plain > 0 else 0.0
+        """How much slower the median instrumented decode step is than the median plain one (a fraction)."""
+        plain = statistics.median(self.plain_decode_s)
+        return statistics.median(self.decode.wall_s) / plain - 1 if plain > 0 else 0.0
 
     def shares(self, phase: str = "decode", corrected: bool = True) -> dict[str, float]:
         """Each part's share of the step. corrected: less the hooks' calibrated cost, over the sum of the
@@ -608,7 +612,10 @@ def bottleneck_sentence(p: Profile) -> str:
     overhead = sum(shares[k] for k in OVERHEAD_KINDS)
     flops = sum(o["flops"] for o in ops)
     nbytes = sum(o["bytes"] for o in ops)
-    step = p.accounting("decode")["plain_step_s"]
+    # Step and op times from the same (instrumented) steps, the hooks' calibrated cost removed, so "the step"
+    # and "in the ops" compare like with like.
+    d = p.decode
+    step = sum(d.mean_part(k, corrected=True) for k in KINDS) + d.mean_wall - sum(d.mean_part(k) for k in KINDS)
     op_time = sum(o["time_s"] for o in ops)
     c = p.ceilings
     bw_step = nbytes / step / 1e9 / c.bandwidth_gbs if step > 0 else 0.0  # over the whole step
@@ -627,6 +634,14 @@ def bottleneck_sentence(p: Profile) -> str:
                 f"({100 * bw_ops:.0f}% while in the ops)")
     return (f"{head}; {100 * overhead:.0f}% of each step is framework and Python overhead, "
             f"and the largest op is the {KIND_LABELS[top]} ({100 * shares[top]:.0f}%).")
+
+
+def _load_average() -> float:
+    """1-minute load average (0 where the OS has none): was the machine shared while we timed it?"""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
 
 
 def _model_info(llm: Any) -> dict[str, Any]:
@@ -695,6 +710,7 @@ def profile(llm: Any, config: ProfileConfig, ceilings: Any, hook_cost: HookCost 
         notes.append(f"decode ran with {what} in the plain pass; the instrumented pass ran it eagerly (hooks "
                      "cannot see inside a graph), so the breakdown describes the eager step")
 
+    load_before = _load_average()
     # Warm-up, plain and instrumented alike: allocator growth, kernel builds, first-call costs stay out.
     sync = _sync_for(runner.device)
     if cfg.warmup_tokens:
@@ -726,6 +742,12 @@ def profile(llm: Any, config: ProfileConfig, ceilings: Any, hook_cost: HookCost 
             for total, lp in zip(ph.layers_s, layers):
                 for k, v in lp.items():
                     total[k] += v
+
+    load = max(load_before, _load_average())
+    cpus = os.cpu_count() or 1
+    if runner.device.type == "cpu" and load > model_info["threads"] + 1:  # we account for `threads` of it
+        notes.append(f"the machine was busy: load average {load:.1f} on {cpus} CPUs while profiling (other "
+                     "processes competed for the cores), so step times vary more and run slower than alone")
 
     # FLOPs and bytes of the very steps timed: each prompt's prefill, then decode steps over growing caches.
     act = dtype_bytes(runner.dtype)

@@ -122,14 +122,15 @@ def _short(kind: str) -> str:
 
 def _accounting_sentence(p: Profile, acc: dict[str, float]) -> str:
     ok = "within" if abs(acc["unattributed_share"]) < ACCOUNTING_LIMIT else "OUTSIDE"
-    diff = acc["corrected_parts_step_s"] / acc["plain_step_s"] - 1 if acc["plain_step_s"] > 0 else 0.0
+    plain = acc["plain_step_p50_s"]
+    diff = acc["corrected_parts_step_p50_s"] / plain - 1 if plain > 0 else 0.0
     return (
         f"accounting: the parts, each timed by its own clocks, sum to {_ms(acc['parts_s'] / max(1, acc['steps']))} "
         f"ms of the {_ms(acc['instrumented_step_s'])} ms instrumented step: unattributed "
         f"{_pct(acc['unattributed_share'])} ({ok} the {ACCOUNTING_LIMIT:.0%} limit). Less the hooks' calibrated cost "
-        f"({1e6 * p.hook_cost.module_s:.2f} us per hooked module call) they make {_ms(acc['corrected_parts_step_s'])} "
-        f"ms against {_ms(acc['plain_step_s'])} ms for an un-instrumented step ({100 * diff:+.1f}%); the hooks "
-        f"slow a step by {_pct(p.hook_overhead())}."
+        f"({1e6 * p.hook_cost.module_s:.2f} us per hooked module call), the median step's parts make "
+        f"{_ms(acc['corrected_parts_step_p50_s'])} ms against {_ms(plain)} ms for the median un-instrumented step "
+        f"({100 * diff:+.1f}%); the hooks slow the median step by {_pct(p.hook_overhead())}."
     )
 
 
@@ -244,7 +245,7 @@ def _plot_layers(p: Profile, plt: Any) -> Any:
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_xlabel("layer")
     ax.set_ylabel("ms per decode step")
-    ax.set_title(f"{len(layers)} layers: {1e3 * sum(bottom):.2f} ms of the {1e3 * p.decode.mean_wall:.2f} ms "
+    ax.set_title(f"{len(layers)} layers: {sum(bottom):.2f} ms of the {1e3 * p.decode.mean_wall:.2f} ms "
                  "instrumented step", fontsize=10)
     ax.legend(ncol=4, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
