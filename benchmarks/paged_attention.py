@@ -1,14 +1,15 @@
 """Micro-benchmark of the CPU paged-attention decode kernel against gather + SDPA on SmolLM2-135M's attention shape.
 
-    python benchmarks/paged_attention.py --threads 2
+    python benchmarks/paged_attention.py --threads 2 [--kv-dtypes float32 bfloat16]
 
-One decode step's attention for one layer (nh 9, nkv 3, hd 64, block size 16, fp32) at each batch size B and
-context length (every sequence holds `ctx` tokens, its blocks shuffled through the pool), timed per call and
+One decode step's attention for one layer (nh 9, nkv 3, hd 64, block size 16, fp32 queries) at each batch size B
+and context length (every sequence holds `ctx` tokens, its blocks shuffled through the pool), timed per call and
 multiplied by the model's 30 layers:
-* kernel: `paged_attention_decode` (rapidlm_paged::decode) reading the blocks in place;
+* kernel: `paged_attention_decode` (rapidlm_paged::decode) reading the blocks in place, once per pool dtype of
+  --kv-dtypes (fp32, and bf16: half the bytes, widened to fp32 in registers);
 * gather + SDPA: what a paged cache does without it, `k_pool[block_tables[:, :nb]].view(B, nb*bs, nkv, hd)
   .transpose(1, 2)` for K and V, then `scaled_dot_product_attention` with a boolean mask (built once per step,
-  outside the timing, as the model does) and enable_gqa.
+  outside the timing, as the model does) and enable_gqa, over the fp32 pools.
 Each method cycles through enough copies of the layer's pools (>= --working-set MiB, at most 30: one per layer) that
 K/V come from memory as they do when 30 layers take turns. Short rounds alternate the two methods; the best
 round counts.
@@ -79,7 +80,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--seconds", type=float, default=2.0, help="timing budget per method and shape")
-    ap.add_argument("--working-set", type=int, default=128, help="MiB of K/V pool copies cycled through")
+    ap.add_argument("--working-set", type=int, default=128, help="MiB of fp32 K/V pool copies cycled through")
+    ap.add_argument(
+        "--kv-dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="pool dtypes to time the kernel with",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not paged_attention.decode_kernel_available():
@@ -87,12 +95,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     scale = HD**-0.5
     print(
-        f"SmolLM2-135M attention (nh {NH}, nkv {NKV}, hd {HD}, block {BS}, fp32), {args.threads} threads, "
+        f"SmolLM2-135M attention (nh {NH}, nkv {NKV}, hd {HD}, block {BS}, fp32 q), {args.threads} threads, "
         f"{torch.ops.rapidlm_paged.simd()} kernel; us per layer per decode step (best ~3 ms round), "
         f"x{LAYERS} layers = ms per step; load average {os.getloadavg()[0]:.1f}"
     )
-    print("| B | ctx | kernel us | gather+SDPA us | kernel ms/step (x30) | gather+SDPA ms/step (x30) | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    dtypes = {name: getattr(torch, name) for name in dict.fromkeys(args.kv_dtypes)}
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    cols = [f"kernel {short[n]} us" for n in dtypes] + ["gather+SDPA (fp32) us"]
+    cols += [f"kernel {short[n]} ms/step (x30)" for n in dtypes] + ["gather+SDPA ms/step (x30)"]
+    cols += [f"{short[n]} speed-up" for n in dtypes]
+    if "float32" in dtypes and "bfloat16" in dtypes:
+        cols.append("bf16 / fp32 kernel")
+    print("| B | ctx | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
     for ctx in args.contexts:
         for batch in args.batches:
             lens = torch.full((batch,), ctx, dtype=torch.int32)
@@ -101,9 +116,20 @@ def main() -> None:
             layer_bytes = 2 * (batch * nb + 8) * BS * NKV * HD * 4
             copies = max(2, min(LAYERS, (args.working_set << 20) // layer_bytes))
             layers = make_layers(batch, ctx, copies, g)
+            for layer in layers:
+                if "bfloat16" in dtypes:
+                    layer["k_bfloat16"], layer["v_bfloat16"] = layer["k"].bfloat16(), layer["v"].bfloat16()
+                layer["k_float32"], layer["v_float32"] = layer["k"], layer["v"]
 
-            def kernel(d: dict, lens: torch.Tensor = lens) -> torch.Tensor:
-                return paged_attention.paged_attention_decode(d["q"], d["k"], d["v"], d["tables32"], lens, scale)
+            def make_kernel(name: str, lens: torch.Tensor = lens) -> Callable[[dict], torch.Tensor]:
+                def kernel(d: dict) -> torch.Tensor:
+                    return paged_attention.paged_attention_decode(
+                        d["q"], d["k_" + name], d["v_" + name], d["tables32"], lens, scale
+                    )
+
+                return kernel
+
+            kernels = [make_kernel(name) for name in dtypes]
 
             def gather_sdpa(d: dict, batch: int = batch, nb: int = nb, mask: torch.Tensor = mask) -> torch.Tensor:
                 t = d["tables64"][:, :nb]
@@ -113,14 +139,18 @@ def main() -> None:
                 return out[:, :, 0]
 
             with torch.inference_mode():
-                err = (kernel(layers[0]) - gather_sdpa(layers[0])).abs().max().item()
-                assert err < 1e-4, f"kernel and gather + SDPA disagree by {err}"
-                k_us, g_us = time_rounds([kernel, gather_sdpa], layers, args.seconds)
-            print(
-                f"| {batch} | {ctx} | {k_us:.1f} | {g_us:.1f} | {k_us * LAYERS / 1e3:.2f} | "
-                f"{g_us * LAYERS / 1e3:.2f} | {g_us / k_us:.1f}x |",
-                flush=True,
-            )
+                for name, fn in zip(dtypes, kernels, strict=True):
+                    widened = dict(layers[0], k=layers[0]["k_" + name].float(), v=layers[0]["v_" + name].float())
+                    err = (fn(layers[0]) - gather_sdpa(widened)).abs().max().item()
+                    assert err < 1e-4, f"kernel ({name} pools) and gather + SDPA disagree by {err}"
+                *k_us, g_us = time_rounds([*kernels, gather_sdpa], layers, args.seconds)
+            cells = [f"{t:.1f}" for t in k_us] + [f"{g_us:.1f}"]
+            cells += [f"{t * LAYERS / 1e3:.2f}" for t in k_us] + [f"{g_us * LAYERS / 1e3:.2f}"]
+            cells += [f"{g_us / t:.1f}x" for t in k_us]
+            if "float32" in dtypes and "bfloat16" in dtypes:
+                names = list(dtypes)
+                cells.append(f"{k_us[names.index('bfloat16')] / k_us[names.index('float32')]:.2f}")
+            print(f"| {batch} | {ctx} | " + " | ".join(cells) + " |", flush=True)
             del layers
 
 

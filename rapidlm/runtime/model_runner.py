@@ -96,10 +96,12 @@ class ModelRunner:
         logits = forward(tokens[:, None], positions[:, None], cache.layers(), kv_len)
         return logits[:, 0].float()
 
-    def allocate_paged(self, num_blocks: int, block_size: int) -> PagedKVCache:
+    def allocate_paged(
+        self, num_blocks: int, block_size: int, storage_dtype: torch.dtype | None = None
+    ) -> PagedKVCache:  # storage_dtype: what the pools hold (None: kv_dtype); attention still runs in kv_dtype
         if self.kv_int8:
             raise ConfigError("kv-int8 is not supported by the paged KV cache (serving engine) yet; drop kv-int8")
-        return PagedKVCache(self.cfg, num_blocks, block_size, self.kv_dtype, self.device)
+        return PagedKVCache(self.cfg, num_blocks, block_size, self.kv_dtype, self.device, storage_dtype=storage_dtype)
 
     @torch.inference_mode()
     def forward_paged(

@@ -4,6 +4,11 @@ A sequence owns a list of block ids (its block table); logical position p lives 
 offset p % bs. Blocks are handed out and taken back by rapidlm.engine.kv_manager, which knows nothing of
 tensors; this module only stores and reads. The model sees one `PagedLayerKV` per layer through the same
 `attend` contract as the dense caches (rapidlm.runtime.attention), so models/ never learns about pages.
+
+The pool's storage dtype may be narrower than the attention dtype (bf16 storage under fp32 attention on the CPU:
+half the bytes for the decode kernel to read, and half the memory per block). Keys and values are rounded to the
+storage dtype as they are written; the decode kernel widens them in registers, and the gather path (prefill)
+widens what it gathers back to the attention dtype before SDPA. The model only ever sees the attention dtype.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from rapidlm.runtime.attention import CacheAttention
 DecodeKernel = Callable[..., torch.Tensor]  # (q (B,nh,hd), k_pool, v_pool, tables, seq_lens, scale, window)
 
 
-def _decode_kernel(device: torch.device) -> DecodeKernel | None:
-    """The fused paged-attention decode kernel for this device, or None to gather blocks and run SDPA."""
+def _decode_kernel(device: torch.device, dtype: torch.dtype, storage_dtype: torch.dtype) -> DecodeKernel | None:
+    """The fused paged-attention decode kernel for this device and these dtypes, or None to gather blocks and run
+    SDPA. The CPU kernel takes fp32 queries and fp32 or bf16 pools."""
     try:
         if device.type == "cpu":
+            if dtype != torch.float32 or storage_dtype not in (torch.float32, torch.bfloat16):
+                return None
             from rapidlm.runtime.kernels.paged_attention import decode_kernel_available, paged_attention_decode
         elif device.type == "cuda":
             from rapidlm.runtime.kernels.paged_attention_triton import (
@@ -40,31 +48,32 @@ class PagedLayerKV(CacheAttention):
 
     def __init__(
         self,
-        k_pool: torch.Tensor,  # (num_blocks, bs, nkv, hd)
+        k_pool: torch.Tensor,  # (num_blocks, bs, nkv, hd) in the storage dtype
         v_pool: torch.Tensor,
         slots: torch.Tensor,  # (B*T,) flat slot (block * bs + offset) of each new token
         tables: torch.Tensor,  # (B, nb) int64 block ids covering [0, kv_len) of every row
         seq_lens: torch.Tensor | None,  # (B,) int32, tokens each row attends to (decode kernel only)
         kernel: DecodeKernel | None,
         window: int,
+        dtype: torch.dtype | None = None,  # the attention dtype (None: the pool's)
     ) -> None:
         self.k_pool, self.v_pool = k_pool, v_pool
         self.slots, self.tables, self.seq_lens = slots, tables, seq_lens
         self.kernel, self.window = kernel, window
-        self.dtype = k_pool.dtype
+        self.dtype = dtype or k_pool.dtype  # what the model casts q and k to before RoPE, and attention runs in
 
-    def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:  # rounded to the storage dtype
         nkv, hd = k.shape[-2:]
-        self.k_pool.view(-1, nkv, hd)[self.slots] = k.reshape(-1, nkv, hd)
-        self.v_pool.view(-1, nkv, hd)[self.slots] = v.reshape(-1, nkv, hd).to(self.dtype)
+        self.k_pool.view(-1, nkv, hd)[self.slots] = k.reshape(-1, nkv, hd).to(self.k_pool.dtype)
+        self.v_pool.view(-1, nkv, hd)[self.slots] = v.reshape(-1, nkv, hd).to(self.v_pool.dtype)
 
     def update(self, k, v, b_idx, pos, kv_len):  # noqa: ANN001, ANN201 - the dense contract, by gathering blocks
         self._write(k, v)
         B, nb = self.tables.shape
         _, bs, nkv, hd = self.k_pool.shape
         # (B, nb, bs, nkv, hd) -> (B, nb*bs, nkv, hd) is a free view; the gather itself is the one copy.
-        keys = self.k_pool[self.tables].view(B, nb * bs, nkv, hd)[:, :kv_len].transpose(1, 2)
-        values = self.v_pool[self.tables].view(B, nb * bs, nkv, hd)[:, :kv_len].transpose(1, 2)
+        keys = self.k_pool[self.tables].view(B, nb * bs, nkv, hd)[:, :kv_len].to(self.dtype).transpose(1, 2)
+        values = self.v_pool[self.tables].view(B, nb * bs, nkv, hd)[:, :kv_len].to(self.dtype).transpose(1, 2)
         return keys, values  # (B, nkv, kv_len, hd); slots past a row's length are masked by the model
 
     def attend(self, q, k, v, write_at, mask, kv_len):  # noqa: ANN001, ANN201 - see CacheAttention.attend
@@ -78,7 +87,10 @@ class PagedLayerKV(CacheAttention):
 
 
 class PagedKVCache:
-    """K and V pools for every layer in one tensor (layers, 2, num_blocks, block_size, n_kv, head_dim)."""
+    """K and V pools for every layer in one tensor (layers, 2, num_blocks, block_size, n_kv, head_dim).
+
+    `dtype` is the attention dtype (what the model computes q, k and attention in); `storage_dtype` (None: the
+    same) is what the pools hold."""
 
     def __init__(
         self,
@@ -88,15 +100,17 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
         use_kernel: bool = True,
+        storage_dtype: torch.dtype | None = None,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"PagedKVCache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device, self.dtype = device, dtype
+        self.storage_dtype = storage_dtype or dtype
         shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
         self.window = cfg.sliding_window or 0
-        self.kernel = _decode_kernel(device) if use_kernel else None
+        self.kernel = _decode_kernel(device, dtype, self.storage_dtype) if use_kernel else None
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -123,4 +137,4 @@ class PagedKVCache:
         if self.kernel is not None and positions.shape[1] == 1:
             lens = torch.tensor(seq_lens, dtype=torch.int32, device=self.device)
             tables = tables.to(torch.int32)
-        return [PagedLayerKV(k, v, slots, tables, lens, self.kernel, self.window) for k, v in self.data]
+        return [PagedLayerKV(k, v, slots, tables, lens, self.kernel, self.window, self.dtype) for k, v in self.data]

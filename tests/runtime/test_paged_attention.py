@@ -2,7 +2,8 @@
 
 Every pool row that no sequence attends to (spare blocks, the tail of a partial last block, rows before a sliding
 window) is NaN, and every table entry a sequence does not read is garbage: a kernel that touched any of them would
-return NaN or fail its bounds check.
+return NaN or fail its bounds check. The pools are fp32 or bf16; with bf16 pools the reference reads the same bf16
+values (widened to fp64), so the tolerance is the same.
 """
 
 from __future__ import annotations
@@ -30,10 +31,18 @@ BS = 16
 
 
 def make_case(
-    lens: list[int], nh: int, nkv: int, hd: int, window: int = 0, seed: int = 0, bs: int = BS
+    lens: list[int],
+    nh: int,
+    nkv: int,
+    hd: int,
+    window: int = 0,
+    seed: int = 0,
+    bs: int = BS,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, ...]:
     """q, k_pool, v_pool, block_tables, seq_lens, scale for sequences of the given lengths, their blocks shuffled
-    through a pool with spare blocks; everything the sequences must not read is NaN (pool) or garbage (table)."""
+    through a pool (of `dtype`) with spare blocks; everything the sequences must not read is NaN (pool) or garbage
+    (table)."""
     g = torch.Generator().manual_seed(seed)
     B = len(lens)
     counts = [-(-n // bs) for n in lens]
@@ -54,7 +63,7 @@ def make_case(
             k_pool[blk, lo:hi] = torch.randn(hi - lo, nkv, hd, generator=g) * 2
             v_pool[blk, lo:hi] = torch.randn(hi - lo, nkv, hd, generator=g)
     q = torch.randn(B, nh, hd, generator=g)
-    return q, k_pool, v_pool, tables, torch.tensor(lens, dtype=torch.int32), hd**-0.5
+    return q, k_pool.to(dtype), v_pool.to(dtype), tables, torch.tensor(lens, dtype=torch.int32), hd**-0.5
 
 
 def assert_matches_reference(out: torch.Tensor, args: tuple, window: int = 0) -> None:
@@ -67,6 +76,7 @@ def assert_matches_reference(out: torch.Tensor, args: tuple, window: int = 0) ->
 
 
 LENS = {1: [300], 3: [1, 37, 256], 8: [1, 16, 17, 100, 5, 64, 333, 2]}  # 1, partial blocks, exact blocks, many
+BF16 = torch.bfloat16
 
 
 @needs_kernel
@@ -96,6 +106,46 @@ def test_sliding_window(window, nh, nkv, hd):
 
 
 @needs_kernel
+@pytest.mark.parametrize("hd", [64, 128, 40])
+@pytest.mark.parametrize("nh,nkv", [(9, 3), (8, 8), (32, 8)])
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_bf16_pools_match_reference(B, nh, nkv, hd):
+    """bf16 pools (widened to fp32 in registers): the same function of the same bf16 values as the reference."""
+    args = make_case(LENS[B], nh, nkv, hd, seed=B * 1000 + nh + hd, dtype=BF16)
+    assert args[1].dtype == args[2].dtype == BF16 and args[1].isnan().any()  # unread rows are NaN in bf16 too
+    assert_matches_reference(paged_attention_decode(*args), args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("hd", [8, 13, 16, 32, 96, 256])
+@pytest.mark.parametrize("nh,nkv", [(4, 2), (16, 2), (16, 1)])
+def test_bf16_other_head_dims_and_group_sizes(nh, nkv, hd):
+    args = make_case([3, 50], nh, nkv, hd, seed=hd + nh, dtype=BF16)
+    assert_matches_reference(paged_attention_decode(*args), args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [1, 7, 16, 50, 500])
+@pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (8, 8, 40), (8, 2, 128)])
+def test_bf16_sliding_window(window, nh, nkv, hd):
+    args = make_case([1, 20, 100, 333], nh, nkv, hd, window=window, seed=window, dtype=BF16)
+    assert_matches_reference(paged_attention_decode(*args, window), args, window)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_bf16_pools_are_close_to_fp32_pools(use_kernel, monkeypatch):
+    """Rounding K/V to bf16 moves the output by about bf16's precision (2^-8 relative), no more."""
+    if use_kernel and not decode_kernel_available():
+        pytest.skip("kernel unavailable")
+    monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", not use_kernel)
+    q, kp, vp, tables, lens, scale = make_case(LENS[8], 9, 3, 64, seed=11)
+    fp32 = paged_attention_decode(q, kp, vp, tables, lens, scale)
+    bf16 = paged_attention_decode(q, kp.bfloat16(), vp.bfloat16(), tables, lens, scale)
+    err = (fp32 - bf16).abs().max().item()
+    assert 0 < err < 0.05, err
+
+
+@needs_kernel
 def test_block_size_other_than_16():
     args = make_case([1, 5, 40], 6, 2, 64, bs=5, seed=3)
     assert_matches_reference(paged_attention_decode(*args), args)
@@ -113,9 +163,10 @@ def test_empty_sequence_gives_zeros(use_kernel, monkeypatch):
 
 
 @needs_kernel
-def test_rows_do_not_depend_on_the_batch_or_threads():
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_rows_do_not_depend_on_the_batch_or_threads(dtype):
     """A sequence decoded alone or in any batch, on any number of threads, gives bit-identical outputs."""
-    q, kp, vp, tables, lens, scale = make_case(LENS[8], 9, 3, 64, seed=5)
+    q, kp, vp, tables, lens, scale = make_case(LENS[8], 9, 3, 64, seed=5, dtype=dtype)
     together = paged_attention_decode(q, kp, vp, tables, lens, scale)
     alone = torch.cat(
         [paged_attention_decode(q[b : b + 1], kp, vp, tables[b : b + 1], lens[b : b + 1], scale) for b in range(8)]
@@ -142,8 +193,16 @@ def test_strided_query_is_accepted():
 
 def _bad_inputs() -> list[tuple[str, dict, str]]:
     return [
-        ("q float64", {"q": lambda a: a["q"].double()}, "float32"),
-        ("k_pool bf16", {"k_pool": lambda a: a["k_pool"].bfloat16()}, "float32"),
+        ("q float64", {"q": lambda a: a["q"].double()}, "q must be float32"),
+        ("q bf16", {"q": lambda a: a["q"].bfloat16()}, "q must be float32"),
+        ("k_pool bf16, v_pool fp32", {"k_pool": lambda a: a["k_pool"].bfloat16()}, "float32 or both bfloat16"),
+        ("k_pool fp32, v_pool bf16", {"v_pool": lambda a: a["v_pool"].bfloat16()}, "float32 or both bfloat16"),
+        (
+            "pools fp16",
+            {"k_pool": lambda a: a["k_pool"].half(), "v_pool": lambda a: a["v_pool"].half()},
+            "float32 or both bfloat16",
+        ),
+        ("pools fp64", {"k_pool": lambda a: a["k_pool"].double(), "v_pool": lambda a: a["v_pool"].double()}, "both"),
         ("q 2-D", {"q": lambda a: a["q"][:, 0]}, r"\(B, nh, hd\)"),
         ("k_pool 3-D", {"k_pool": lambda a: a["k_pool"][0]}, "k_pool must be"),
         ("v_pool shape", {"v_pool": lambda a: a["v_pool"][:, :8]}, "v_pool shape"),
@@ -178,17 +237,19 @@ def test_bad_inputs_are_rejected(label, change, match, use_kernel, monkeypatch):
 
 
 @needs_kernel
-def test_kernel_requires_contiguous_pools():
-    q, kp, vp, tables, lens, scale = make_case([5, 40], 8, 2, 64)
-    strided = torch.empty(kp.shape[::-1]).permute(3, 2, 1, 0)
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_kernel_requires_contiguous_pools(dtype):
+    q, kp, vp, tables, lens, scale = make_case([5, 40], 8, 2, 64, dtype=dtype)
+    strided = torch.empty(kp.shape[::-1], dtype=dtype).permute(3, 2, 1, 0)
     strided.copy_(kp)
     with pytest.raises(RuntimeError, match="contiguous"):
         paged_attention_decode(q, strided, vp, tables, lens, scale)
 
 
-def test_fallback_matches_kernel(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_fallback_matches_kernel(dtype, monkeypatch):
     """The pure-torch path (no compiler, or RAPIDLM_PAGED_KERNEL=0) gives the same function."""
-    args = make_case(LENS[3], 9, 3, 64, seed=9)
+    args = make_case(LENS[3], 9, 3, 64, seed=9, dtype=dtype)
     monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", True)
     fallback = paged_attention_decode(*args, 16)
     assert torch.equal(fallback, paged_attention_reference(*args, 16))
@@ -227,8 +288,9 @@ def test_env_var_forces_the_fallback(monkeypatch):
         importlib.reload(paged_attention)  # back to the environment's setting
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("use_kernel", [True, False])
-def test_under_torch_compile_fullgraph(use_kernel, monkeypatch):
+def test_under_torch_compile_fullgraph(use_kernel, dtype, monkeypatch):
     if use_kernel and not decode_kernel_available():
         pytest.skip("kernel unavailable")
     monkeypatch.setattr(paged_attention, "FORCE_FALLBACK", not use_kernel)
@@ -239,7 +301,7 @@ def test_under_torch_compile_fullgraph(use_kernel, monkeypatch):
 
     compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
     for lens, seed in (([3, 40, 17], 1), ([70, 2], 2)):  # two batch sizes / table widths through one graph
-        args = make_case(lens, 8, 2, 64, window=24, seed=seed)[:5]
+        args = make_case(lens, 8, 2, 64, window=24, seed=seed, dtype=dtype)[:5]
         got_sum, got = compiled(*args)
         want_sum, want = step(*args)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -255,3 +317,66 @@ def test_kernel_builds_where_a_compiler_is_present():
         pytest.skip("RAPIDLM_PAGED_KERNEL=0")
     assert paged_attention.load_kernel()
     assert torch.ops.rapidlm_paged.simd() in ("avx512", "avx2")
+
+
+# ---- the paged cache with a storage dtype narrower than the attention dtype -----------------------------------
+
+
+def _tiny_cfg():  # noqa: ANN202
+    from rapidlm.config import ModelConfig
+
+    return ModelConfig(
+        architecture="llama", vocab_size=16, hidden_size=128, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2,
+    )  # fmt: skip
+
+
+def test_paged_cache_storage_defaults_to_the_attention_dtype():
+    from rapidlm.runtime.paged_kv import PagedKVCache
+
+    cache = PagedKVCache(_tiny_cfg(), 4, 4, torch.float32, torch.device("cpu"))
+    assert cache.storage_dtype == cache.dtype == cache.data.dtype == torch.float32
+    layer = cache.layers([[0, 1]], torch.tensor([[5]]), [6])[0]
+    assert layer.dtype == layer.k_pool.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_paged_cache_bf16_storage(use_kernel):
+    """bf16 pools under fp32 attention: K/V are rounded to bf16 as they are written; prefill (gather + SDPA) and
+    decode (the kernel, or gather + SDPA without it) attend over those bf16 values in fp32, and the model-facing
+    dtype stays fp32."""
+    import torch.nn.functional as F
+
+    from rapidlm.runtime.paged_kv import PagedKVCache
+
+    if use_kernel and not decode_kernel_available():
+        pytest.skip("kernel unavailable")
+    cfg = _tiny_cfg()
+    nh, nkv, hd, bs = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 4
+    cache = PagedKVCache(cfg, 8, bs, torch.float32, torch.device("cpu"), use_kernel, storage_dtype=BF16)
+    assert cache.data.dtype == BF16 and cache.dtype == torch.float32 and cache.nbytes == cache.data.numel() * 2
+    assert (cache.kernel is not None) == use_kernel
+    g = torch.Generator().manual_seed(0)
+    table, T = [5, 2, 7], 10
+    q, k, v = (torch.randn(1, T + 1, n, hd, generator=g) for n in (nh, nkv, nkv))
+
+    def want(t: int) -> torch.Tensor:  # fp32 attention of query t over the bf16-rounded keys/values [0, t]
+        kk, vv = (x[:, : t + 1].to(BF16).float().transpose(1, 2) for x in (k, v))
+        return F.scaled_dot_product_attention(q[:, t : t + 1].transpose(1, 2), kk, vv, enable_gqa=True)
+
+    pos = torch.arange(T)[None]
+    layer = cache.layers([table], pos, [T])[0]
+    assert layer.dtype == torch.float32 and layer.k_pool.dtype == BF16
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    out = layer.attend(q[:, :T], k[:, :T], v[:, :T], (torch.zeros_like(pos), pos), mask, T)
+    assert out.dtype == torch.float32
+    for t in range(T):
+        torch.testing.assert_close(out[:, :, t : t + 1], want(t), rtol=1e-5, atol=1e-5)
+    stored = cache.data[0, 0, table].view(-1, nkv, hd)[:T]
+    assert torch.equal(stored, k[0, :T].to(BF16))  # rounded to bf16 on write
+
+    layer = cache.layers([table], torch.tensor([[T]]), [T + 1])[0]
+    assert (layer.kernel is not None) == use_kernel
+    out = layer.attend(q[:, T:], k[:, T:], v[:, T:], (torch.zeros(1, 1), torch.tensor([[T]])), None, T + 1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want(T), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 // Paged-attention decode for the CPU: one query token per sequence against K/V rows kept in a pool of blocks.
 //
 //   q            (B, nh, hd)                      fp32
-//   k_pool/v_pool (num_blocks, bs, nkv, hd)       fp32, contiguous
+//   k_pool/v_pool (num_blocks, bs, nkv, hd)       fp32 or bf16 (both the same), contiguous
 //   block_tables (B, max_blocks)                  int32: logical position p of sequence b is row p % bs of block
 //                                                 block_tables[b][p / bs]
 //   seq_lens     (B,)                             int32: sequence b attends to [max(0, len - window), len)
@@ -16,10 +16,14 @@
 //   1. scores s[h][i] = scale * q_h . k_i over the window's positions;
 //   2. p[h][i] = exp(s[h][i] - max_i s[h][i]) (vectorized) and sum_h = sum_i p[h][i];
 //   3. acc[h] = sum_i p[h][i] * v_i, out_h = acc[h] / sum_h.
-// Everything accumulates in fp32. Scratch (scores, accumulators) is allocated once per thread's range, never per
-// token. Only the table entries covering a sequence's window are read, after they are checked to lie in
-// [0, num_blocks); entries past them are never read, and no pool row outside a window enters the arithmetic.
+// Everything accumulates in fp32: bf16 pool rows are widened to fp32 in registers as they are loaded (a bf16 value
+// is the top half of the fp32 with the same value, so the widening is exact: a zero-extend and a 16-bit shift).
+// Scratch (scores, accumulators) is allocated once per thread's range, never per token. Only the table entries
+// covering a sequence's window are read, after they are checked to lie in [0, num_blocks); entries past them are
+// never read, and no pool row outside a window enters the arithmetic.
 //
+// The pools are fp32 or bf16 (the loops are templates on the pool's element type; q, the scratch and the output
+// are fp32 either way). A bf16 pool halves the bytes read, which is what bounds the kernel at decode.
 // Vectors are at::vec::Vectorized<float> (16 lanes with AVX512, 8 with AVX2). When hd is 1, 2, 4, 8 or 16 vectors
 // (hd 64 and 128 are), steps 1 and 3 run register-tiled kernels: a tile of GT query heads keeps q (step 1) or its
 // output accumulators (step 3) in registers across a block's rows, and step 1 finishes four rows' dot products
@@ -90,23 +94,56 @@ inline void for_each_run(const int32_t* table, int64_t bs, int64_t start, int64_
   }
 }
 
-// Asks for `rows` rows of `len` floats (`stride` apart) to be brought towards the core (into L2: prefetcht2), one
+// Asks for `rows` rows of `len` elements (`stride` apart) to be brought towards the core (into L2: prefetcht2), one
 // request per cache line. Issued a block ahead: the next block is random in the pool, so the hardware prefetchers
 // cannot guess it, and a block's worth of work hides most of the memory latency (1.2-1.4x at contexts that spill
 // out of the caches; no cost measurable when they fit).
-inline void prefetch_rows(const float* p, int64_t rows, int64_t stride, int64_t len) {
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t rows, int64_t stride, int64_t len) {
 #if defined(__GNUC__)
-  constexpr int64_t kLine = 64 / sizeof(float);
+  constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < len; i += kLine) __builtin_prefetch(p + r * stride + i, 0, 1);
 #endif
 }
 
-// One task: sequence b's kv heads [g0, g1) and their query heads.
+// Pool rows as fp32 vectors: load(p) reads kW elements, load(p, count) the first count (the rest zero). fp32 rows
+// are loaded as they are; bf16 rows are widened in registers (zero-extend each 16-bit lane to 32 bits, shift left
+// 16: exact).
+inline Vec load(const float* p) { return Vec::loadu(p); }
+inline Vec load(const float* p, int count) { return Vec::loadu(p, count); }
+
+inline Vec load(const at::BFloat16* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  float buf[kW];
+  for (int64_t i = 0; i < kW; ++i) buf[i] = static_cast<float>(p[i]);
+  return Vec::loadu(buf);
+#endif
+}
+
+inline Vec load(const at::BFloat16* p, int count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  float buf[kW] = {};
+  for (int i = 0; i < count; ++i) buf[i] = static_cast<float>(p[i]);
+  return Vec::loadu(buf);
+#endif
+}
+
+// One task: sequence b's kv heads [g0, g1) and their query heads. T: the pool's element type (float, BFloat16).
+template <typename T>
 struct Work {
   const float* q;  // the first query row of the task's heads ((g1 - g0) * G rows of hd)
-  const float* kp;  // pools, offset to kv head g0: row r of kv head g0 + j at kp + r * stride + j * hd
-  const float* vp;
+  const T* kp;     // pools, offset to kv head g0: row r of kv head g0 + j at kp + r * stride + j * hd
+  const T* vp;
   const int32_t* table;
   int64_t start, end;  // logical positions attended to
   int64_t kv_heads;    // g1 - g0
@@ -114,7 +151,7 @@ struct Work {
 };
 
 struct Shapes {
-  int64_t G, hd, bs, stride;  // heads per group, head dim, block size, floats between pool rows (nkv * hd)
+  int64_t G, hd, bs, stride;  // heads per group, head dim, block size, elements between pool rows (nkv * hd)
   float scale;
 };
 
@@ -148,8 +185,8 @@ inline void store_sums4(const Vec (&a)[4], float scale, float* dst) {
 }
 
 // scores[h * n + r] = scale * q_h . k_r for `count` consecutive pool rows from k; rows four at a time.
-template <int NV, int GT>
-void scores_tile(const float* q, const float* k, int64_t count, int64_t stride, float scale, float* scores,
+template <typename T, int NV, int GT>
+void scores_tile(const float* q, const T* k, int64_t count, int64_t stride, float scale, float* scores,
                  int64_t n) {
   constexpr int64_t hd = NV * kW;
   Vec qv[GT][NV];
@@ -157,68 +194,69 @@ void scores_tile(const float* q, const float* k, int64_t count, int64_t stride, 
     for (int c = 0; c < NV; ++c) qv[h][c] = Vec::loadu(q + h * hd + c * kW);
   int64_t r = 0;
   for (; r + 4 <= count; r += 4) {
-    const float* kr = k + r * stride;
+    const T* kr = k + r * stride;
     for (int h = 0; h < GT; ++h) {
       Vec acc[4];
-      for (int j = 0; j < 4; ++j) acc[j] = qv[h][0] * Vec::loadu(kr + j * stride);
+      for (int j = 0; j < 4; ++j) acc[j] = qv[h][0] * load(kr + j * stride);
       for (int c = 1; c < NV; ++c)
-        for (int j = 0; j < 4; ++j) acc[j] = at::vec::fmadd(qv[h][c], Vec::loadu(kr + j * stride + c * kW), acc[j]);
+        for (int j = 0; j < 4; ++j) acc[j] = at::vec::fmadd(qv[h][c], load(kr + j * stride + c * kW), acc[j]);
       store_sums4(acc, scale, scores + h * n + r);
     }
   }
   for (; r < count; ++r) {
-    const float* kr = k + r * stride;
+    const T* kr = k + r * stride;
     for (int h = 0; h < GT; ++h) {
-      Vec acc = qv[h][0] * Vec::loadu(kr);
-      for (int c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[h][c], Vec::loadu(kr + c * kW), acc);
+      Vec acc = qv[h][0] * load(kr);
+      for (int c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[h][c], load(kr + c * kW), acc);
       scores[h * n + r] = hsum(acc) * scale;
     }
   }
 }
 
 // acc[h] += sum_r w[h * n + r] * v_r over `count` consecutive pool rows from v (acc: GT rows of hd).
-template <int NV, int GT>
-void values_tile(const float* w, int64_t n, const float* v, int64_t count, int64_t stride, float* acc) {
+template <typename T, int NV, int GT>
+void values_tile(const float* w, int64_t n, const T* v, int64_t count, int64_t stride, float* acc) {
   constexpr int64_t hd = NV * kW;
   Vec a[GT][NV];
   for (int h = 0; h < GT; ++h)
     for (int c = 0; c < NV; ++c) a[h][c] = Vec::loadu(acc + h * hd + c * kW);
   for (int64_t r = 0; r < count; ++r) {
-    const float* vr = v + r * stride;
+    const T* vr = v + r * stride;
     for (int h = 0; h < GT; ++h) {
       const Vec wv(w[h * n + r]);
-      for (int c = 0; c < NV; ++c) a[h][c] = at::vec::fmadd(wv, Vec::loadu(vr + c * kW), a[h][c]);
+      for (int c = 0; c < NV; ++c) a[h][c] = at::vec::fmadd(wv, load(vr + c * kW), a[h][c]);
     }
   }
   for (int h = 0; h < GT; ++h)
     for (int c = 0; c < NV; ++c) a[h][c].store(acc + h * hd + c * kW);
 }
 
-using ScoresFn = void (*)(const float*, const float*, int64_t, int64_t, float, float*, int64_t);
-using ValuesFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
-
+template <typename T>
 struct TileFns {
+  using ScoresFn = void (*)(const float*, const T*, int64_t, int64_t, float, float*, int64_t);
+  using ValuesFn = void (*)(const float*, int64_t, const T*, int64_t, int64_t, float*);
   ScoresFn scores[kMaxTile];
   ValuesFn values[kMaxTile];
 };
 
-template <int NV, int... I>
-constexpr TileFns make_tile_fns(std::integer_sequence<int, I...>) {
-  return TileFns{{&scores_tile<NV, I + 1>...}, {&values_tile<NV, I + 1>...}};
+template <typename T, int NV, int... I>
+constexpr TileFns<T> make_tile_fns(std::integer_sequence<int, I...>) {
+  return TileFns<T>{{&scores_tile<T, NV, I + 1>...}, {&values_tile<T, NV, I + 1>...}};
 }
 
-template <int NV>
-constexpr TileFns kTileFns = make_tile_fns<NV>(std::make_integer_sequence<int, kMaxTile>{});
+template <typename T, int NV>
+constexpr TileFns<T> kTileFns = make_tile_fns<T, NV>(std::make_integer_sequence<int, kMaxTile>{});
 
 // The tiled kernels for this head dim, or nullptr (the generic path) when hd is not 1, 2, 4, 8 or 16 vectors.
-const TileFns* tile_fns(int64_t hd) {
+template <typename T>
+const TileFns<T>* tile_fns(int64_t hd) {
   if (hd % kW != 0) return nullptr;
   switch (hd / kW) {
-    case 1: return &kTileFns<1>;
-    case 2: return &kTileFns<2>;
-    case 4: return &kTileFns<4>;
-    case 8: return &kTileFns<8>;
-    case 16: return &kTileFns<16>;
+    case 1: return &kTileFns<T, 1>;
+    case 2: return &kTileFns<T, 2>;
+    case 4: return &kTileFns<T, 4>;
+    case 8: return &kTileFns<T, 8>;
+    case 16: return &kTileFns<T, 16>;
     default: return nullptr;
   }
 }
@@ -239,31 +277,33 @@ std::vector<std::pair<int64_t, int>> head_tiles(int64_t G, int64_t cap) {
 // ---------------------------------------------------------------------------------------------------------------
 // Generic kernels (any hd): the same loops over heads with full vectors then one masked partial vector.
 
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   Vec acc0(0.f), acc1(0.f);
   int64_t d = 0;
   for (; d + 2 * kW <= n; d += 2 * kW) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + d + kW), Vec::loadu(b + d + kW), acc1);
+    acc0 = at::vec::fmadd(Vec::loadu(a + d), load(b + d), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + d + kW), load(b + d + kW), acc1);
   }
   if (d + kW <= n) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
+    acc0 = at::vec::fmadd(Vec::loadu(a + d), load(b + d), acc0);
     d += kW;
   }
-  if (d < n) {  // partial vector: loadu(ptr, count) zero-fills the lanes past count
+  if (d < n) {  // partial vector: loadu(ptr, count) / load(ptr, count) zero-fill the lanes past count
     const int count = static_cast<int>(n - d);
-    acc1 = at::vec::fmadd(Vec::loadu(a + d, count), Vec::loadu(b + d, count), acc1);
+    acc1 = at::vec::fmadd(Vec::loadu(a + d, count), load(b + d, count), acc1);
   }
   return hsum(acc0 + acc1);
 }
 
-inline void axpy(float* y, float w, const float* x, int64_t n) {  // y += w * x
+template <typename T>
+inline void axpy(float* y, float w, const T* x, int64_t n) {  // y += w * x
   const Vec wv(w);
   int64_t d = 0;
-  for (; d + kW <= n; d += kW) at::vec::fmadd(wv, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+  for (; d + kW <= n; d += kW) at::vec::fmadd(wv, load(x + d), Vec::loadu(y + d)).store(y + d);
   if (d < n) {
     const int count = static_cast<int>(n - d);
-    at::vec::fmadd(wv, Vec::loadu(x + d, count), Vec::loadu(y + d, count)).store(y + d, count);
+    at::vec::fmadd(wv, load(x + d, count), Vec::loadu(y + d, count)).store(y + d, count);
   }
 }
 
@@ -292,7 +332,8 @@ float softmax_numerators(float* s, int64_t n) {
 // rows are visited block by block, every kv head of the task within a block before the next block, so a block's
 // rows (all kv heads side by side) are streamed from memory together and each row slice is used by all G query
 // heads of its group while in L1.
-void attend(const Work& w, const Shapes& s, const TileFns* fns, const std::vector<std::pair<int64_t, int>>& tiles,
+template <typename T>
+void attend(const Work<T>& w, const Shapes& s, const TileFns<T>* fns, const std::vector<std::pair<int64_t, int>>& tiles,
             float* scores, float* acc, float* sums) {
   const int64_t G = s.G, hd = s.hd, n = w.end - w.start, stride = s.stride, heads = w.kv_heads * G;
   if (n <= 0) {
@@ -303,7 +344,7 @@ void attend(const Work& w, const Shapes& s, const TileFns* fns, const std::vecto
   for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t next) {
     if (next >= 0) prefetch_rows(w.kp + next * stride, s.bs, stride, w.kv_heads * hd);
     for (int64_t j = 0; j < w.kv_heads; ++j) {
-      const float* k = w.kp + row0 * stride + j * hd;
+      const T* k = w.kp + row0 * stride + j * hd;
       const float* q = w.q + j * G * hd;
       float* sc = scores + j * G * n + i0;
       if (fns) {
@@ -321,7 +362,7 @@ void attend(const Work& w, const Shapes& s, const TileFns* fns, const std::vecto
   for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t next) {
     if (next >= 0) prefetch_rows(w.vp + next * stride, s.bs, stride, w.kv_heads * hd);
     for (int64_t j = 0; j < w.kv_heads; ++j) {
-      const float* v = w.vp + row0 * stride + j * hd;
+      const T* v = w.vp + row0 * stride + j * hd;
       const float* p = scores + j * G * n + i0;
       float* a = acc + j * G * hd;
       if (fns) {
@@ -346,13 +387,47 @@ void attend(const Work& w, const Shapes& s, const TileFns* fns, const std::vecto
   }
 }
 
+// The parallel loop of `decode` for pools of element type T, after every check.
+template <typename T>
+void run(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64_t max_blocks,
+         const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t max_n, int64_t total_n,
+         int64_t nkv, const Shapes& s, at::Tensor& out) {
+  const int64_t B = q.size(0), nh = q.size(1), hd = q.size(2);
+  const TileFns<T>* fns = tile_fns<T>(hd);
+  const auto tiles = head_tiles(s.G, fns ? std::clamp<int64_t>(kAccRegs / (hd / kW), 1, kMaxTile) : s.G);
+  const float* pq = q.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+
+  const int64_t pairs = B * nkv;
+  const int64_t work_per_pair = std::max<int64_t>(1, total_n * 2 * nh * hd / pairs);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / work_per_pair);
+  // Tasks are contiguous ranges of (sequence, kv head) pairs, b-major; a range is cut at sequence boundaries and
+  // each piece (one sequence's kv heads [g0, g1)) runs as one Work.
+  at::parallel_for(0, pairs, grain, [&](int64_t i0, int64_t i1) {
+    const int64_t max_heads = std::min(i1 - i0, nkv) * s.G;
+    std::vector<float> scratch(max_heads * (max_n + hd + 1));
+    float* scores = scratch.data();
+    float* acc = scores + max_heads * max_n;
+    float* sums = acc + max_heads * hd;
+    for (int64_t i = i0; i < i1;) {
+      const int64_t b = i / nkv, g0 = i % nkv, g1 = std::min(nkv, g0 + (i1 - i));
+      const int64_t head0 = b * nh + g0 * s.G;  // first query head of the piece, as a row of q / out
+      const Work<T> w{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
+                      po + head0 * hd};
+      attend(w, s, fns, tiles, scores, acc, sums);
+      i += g1 - g0;
+    }
+  });
+}
+
 at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
                   const at::Tensor& block_tables_in, const at::Tensor& seq_lens_in, double scale, int64_t window) {
   constexpr const char* kName = "rapidlm_paged::decode: ";
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
-                  v_pool.scalar_type() == at::kFloat,
-              kName, "q, k_pool and v_pool must be float32, got ", q_in.scalar_type(), ", ", k_pool.scalar_type(),
-              ", ", v_pool.scalar_type());
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat, kName, "q must be float32, got ", q_in.scalar_type());
+  TORCH_CHECK((k_pool.scalar_type() == at::kFloat || k_pool.scalar_type() == at::kBFloat16) &&
+                  v_pool.scalar_type() == k_pool.scalar_type(),
+              kName, "k_pool and v_pool must both be float32 or both bfloat16, got ", k_pool.scalar_type(), " and ",
+              v_pool.scalar_type());
   TORCH_CHECK(q_in.device().is_cpu() && k_pool.device().is_cpu() && v_pool.device().is_cpu() &&
                   block_tables_in.device().is_cpu() && seq_lens_in.device().is_cpu(),
               kName, "all tensors must be on the CPU");
@@ -407,33 +482,13 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Te
   at::Tensor out = at::empty({B, nh, hd}, q.options());
   if (B == 0 || nh == 0) return out;
   const Shapes s{nh / nkv, hd, bs, nkv * hd, static_cast<float>(scale)};
-  const TileFns* fns = tile_fns(hd);
-  const auto tiles = head_tiles(s.G, fns ? std::clamp<int64_t>(kAccRegs / (hd / kW), 1, kMaxTile) : s.G);
-  const float* pq = q.data_ptr<float>();
-  const float* pk = k_pool.data_ptr<float>();
-  const float* pv = v_pool.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-
-  const int64_t pairs = B * nkv;
-  const int64_t work_per_pair = std::max<int64_t>(1, total_n * 2 * nh * hd / pairs);
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / work_per_pair);
-  // Tasks are contiguous ranges of (sequence, kv head) pairs, b-major; a range is cut at sequence boundaries and
-  // each piece (one sequence's kv heads [g0, g1)) runs as one Work.
-  at::parallel_for(0, pairs, grain, [&](int64_t i0, int64_t i1) {
-    const int64_t max_heads = std::min(i1 - i0, nkv) * s.G;
-    std::vector<float> scratch(max_heads * (max_n + hd + 1));
-    float* scores = scratch.data();
-    float* acc = scores + max_heads * max_n;
-    float* sums = acc + max_heads * hd;
-    for (int64_t i = i0; i < i1;) {
-      const int64_t b = i / nkv, g0 = i % nkv, g1 = std::min(nkv, g0 + (i1 - i));
-      const int64_t head0 = b * nh + g0 * s.G;  // first query head of the piece, as a row of q / out
-      const Work w{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
-                   po + head0 * hd};
-      attend(w, s, fns, tiles, scores, acc, sums);
-      i += g1 - g0;
-    }
-  });
+  if (k_pool.scalar_type() == at::kBFloat16) {
+    run(q, k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), pt, max_blocks, starts, ends, max_n,
+        total_n, nkv, s, out);
+  } else {
+    run(q, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), pt, max_blocks, starts, ends, max_n, total_n, nkv, s,
+        out);
+  }
   return out;
 }
 

@@ -7,7 +7,9 @@ copy alone moves all of the context twice. rapidlm's C++ op `rapidlm_paged::deco
 on first use with `torch.utils.cpp_extension.load` and cached like the quantized-matmul kernels) reads each block
 where it lies instead: it splits the work over (sequence, kv head) pairs, runs the query heads of a GQA group
 together so each key/value row is read from memory once, and does a two-pass fp32 softmax with vectorized dot
-products and axpys. `torch.compile` sees it as an opaque op (a fake kernel gives the output's shape).
+products and axpys. The pools may be fp32 or bf16 (half the bytes to read; rows are widened to fp32 in registers,
+everything accumulates in fp32); q and the output are fp32. `torch.compile` sees it as an opaque op (a fake kernel
+gives the output's shape).
 
 `paged_attention_reference` is the same function in plain torch (gather, mask, SDPA in fp64): the tests' reference
 and the fallback when the extension cannot be built (one RuntimeWarning says so) or RAPIDLM_PAGED_KERNEL=0.
@@ -33,12 +35,18 @@ FORCE_FALLBACK = os.environ.get("RAPIDLM_PAGED_KERNEL", "1") == "0"
 _kernel_ready = False  # the C++ op is loaded (read on every call; a plain global so torch.compile can guard on it)
 _kernel_tried = False
 _lock = threading.Lock()
+_POOL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("rapidlm_paged::decode")
     def _(q, k_pool, v_pool, block_tables, seq_lens, scale, window=0):  # noqa: ANN001, ANN202
         torch._check(q.dim() == 3, lambda: "rapidlm_paged::decode: q must be (B, nh, hd)")
+        torch._check(q.dtype == torch.float32, lambda: "rapidlm_paged::decode: q must be float32")
+        torch._check(
+            k_pool.dtype in _POOL_DTYPES and v_pool.dtype == k_pool.dtype,
+            lambda: "rapidlm_paged::decode: k_pool and v_pool must both be float32 or both bfloat16",
+        )
         return q.new_empty(q.shape)
 
 
@@ -61,8 +69,8 @@ def decode_kernel_available() -> bool:
 
 def paged_attention_decode(
     q: torch.Tensor,  # (B, nh, hd) fp32, one query token per sequence
-    k_pool: torch.Tensor,  # (num_blocks, block_size, nkv, hd) fp32, contiguous
-    v_pool: torch.Tensor,  # same shape
+    k_pool: torch.Tensor,  # (num_blocks, block_size, nkv, hd) fp32 or bf16, contiguous
+    v_pool: torch.Tensor,  # same shape and dtype
     block_tables: torch.Tensor,  # (B, max_blocks) int32; row b lists sequence b's physical blocks in order
     seq_lens: torch.Tensor,  # (B,) int32; sequence b attends to logical positions [max(0, len - window), len)
     scale: float,  # softmax scale, usually hd ** -0.5
@@ -83,9 +91,14 @@ def paged_attention_decode(
 def _check_inputs(q, k_pool, v_pool, block_tables, seq_lens, window) -> None:  # noqa: ANN001
     name = "paged_attention_decode"
     for label, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: {label} must be a float32 tensor, got {got}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {label} must be a tensor, got {type(t).__name__}")
+    if q.dtype != torch.float32:
+        raise ValueError(f"{name}: q must be float32, got {q.dtype}")
+    if k_pool.dtype not in _POOL_DTYPES or v_pool.dtype != k_pool.dtype:
+        raise ValueError(
+            f"{name}: k_pool and v_pool must both be float32 or both bfloat16, got {k_pool.dtype} and {v_pool.dtype}"
+        )
     if q.dim() != 3:
         raise ValueError(f"{name}: q must be (B, nh, hd), got shape {tuple(q.shape)}")
     if k_pool.dim() != 4:
@@ -121,6 +134,7 @@ def paged_attention_reference(
     window: int = 0,
 ) -> torch.Tensor:
     """The kernel's function in plain torch: gather each sequence's blocks, mask, SDPA in fp64, fp32 result.
+    fp32 or bf16 pools alike (their values widened to fp64 exactly).
 
     Traceable by torch.compile (no data-dependent Python); table entries a sequence does not read are replaced by
     block 0 before the gather and the rows they bring are zeroed, so garbage there (even NaN) never shows."""
