@@ -302,15 +302,13 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
-    from rapidlm.profile.profiler import ProfileConfig, profile
+    from rapidlm.profile.profiler import ProfileConfig, ceilings_for, profile
     from rapidlm.profile.report import table, write_report
-    from rapidlm.profile.roofline import load_ceilings
 
     # The config is checked before the model loads, so a bad number fails in a second, not after a load.
     config = ProfileConfig(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, rounds=args.rounds)
     llm = _load(args)
-    ceilings = load_ceilings(remeasure=args.remeasure)
-    result = profile(llm, config, ceilings)
+    result = profile(llm, config, ceilings_for(llm.device, args.hardware, args.remeasure))
     out.write(table(result) + "\n")
     if args.out:
         paths = write_report(result, args.out)
@@ -414,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--prompt-len", type=int, default=128, help="tokens per random prompt (default: %(default)s)")
     prof.add_argument("--gen-len", type=int, default=64, help="tokens generated per prompt (default: %(default)s)")
     prof.add_argument("--rounds", type=int, default=3, help="plain/instrumented run pairs (default: %(default)s)")
-    prof.add_argument("--remeasure", action="store_true", help="measure the machine's ceilings again (else cached)")
+    prof.add_argument("--hardware", default="auto", help="roofline ceilings: auto (this CPU measured, or the GPU's "
+                      "datasheet), cpu-here, h100, h200, a100, ... (default: %(default)s)")
+    prof.add_argument("--remeasure", action="store_true", help="measure this CPU's ceilings again (else cached)")
     prof.add_argument("--out", default=None, help="folder for report.html, its PNGs and profile.json")
     _add_model_args(prof)
 

@@ -690,6 +690,26 @@ def _recipe_name(recipe: Any) -> str | None:
     return type(recipe).__name__
 
 
+def ceilings_for(device: torch.device, hardware: str = "auto", remeasure: bool = False) -> Any:
+    """The roof to profile against: `hardware` by name (rapidlm.profile.roofline.hardware_names()), or "auto":
+    this CPU measured (cached) for a CPU run, the datasheet entry whose name the GPU's name contains (longest
+    match first: "H100 PCIe" before "H100") for a CUDA run."""
+    from rapidlm.profile import roofline
+
+    if hardware != "auto":
+        return roofline.get_hardware(hardware, remeasure=remeasure)
+    if device.type != "cuda":
+        return roofline.load_ceilings(remeasure=remeasure)
+    gpu = torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    for name in sorted(roofline.HARDWARE, key=len, reverse=True):
+        if roofline.HARDWARE[name].device == "cuda" and name in gpu:
+            return roofline.HARDWARE[name]
+    raise ConfigError(
+        f"no datasheet ceilings for GPU {torch.cuda.get_device_name(device)!r}: pass --hardware with one of "
+        f"{', '.join(n for n in roofline.hardware_names() if n != roofline.CPU_HERE)}"
+    )
+
+
 def profile(llm: Any, config: ProfileConfig, ceilings: Any, hook_cost: HookCost | None = None) -> Profile:
     """Profile generation with a loaded `rapidlm.LLM` (any model it loads: quantized, pruned, distilled)."""
     runner = llm.runner

@@ -197,3 +197,30 @@ def test_default_model_accounts_for_its_decode_steps(llm_auto, ceilings):
     assert len(p.decode.layers_s) == 30
     assert p.model["threads"] == torch.get_num_threads()
     assert "bandwidth" in p.bottleneck() or "peak" in p.bottleneck()
+
+
+def test_cli_writes_the_report(tiny_folder, ceilings, single_thread, tmp_path, monkeypatch, capsys):
+    import io
+
+    from rapidlm import cli
+    from rapidlm.profile import profiler
+
+    monkeypatch.setattr(profiler, "ceilings_for", lambda device, hardware, remeasure: ceilings)
+    out = io.StringIO()
+    rc = cli.main(["profile", "--model", str(tiny_folder), "--dtype", "float32", "--prompt-len", "8", "--gen-len",
+                   "4", "--rounds", "1", "--out", str(tmp_path / "prof")], out=out)
+    assert rc == 0, capsys.readouterr().err
+    text = out.getvalue()
+    assert "accounting:" in text and "report.html" in text
+    assert {p.name for p in (tmp_path / "prof").iterdir()} >= {"report.html", "profile.json", "roofline.png"}
+    assert cli.main(["profile", "--model", str(tiny_folder), "--gen-len", "1"], out=io.StringIO()) == 2
+    assert "ProfileConfig.gen_len" in capsys.readouterr().err  # refused before the model loads
+
+
+def test_ceilings_for_picks_the_roof():
+    from rapidlm.profile import roofline
+    from rapidlm.profile.profiler import ceilings_for
+
+    assert ceilings_for(torch.device("cpu"), "h200") is roofline.HARDWARE["h200"]
+    with pytest.raises(ValueError, match="unknown hardware"):
+        ceilings_for(torch.device("cpu"), "tpu-v9")
