@@ -8,6 +8,7 @@ rapidlm compress --recipe int4-g32 --out smollm2-int4
 rapidlm compare --recipes dequantized@float32 native int8 int4-g128-gptq --data valid.txt
 rapidlm serve --model smollm2-135m --port 8000 --api-key-file key.txt
 rapidlm profile --model smollm2-135m --gen-len 64 --out prof
+rapidlm estimate --model smollm2-135m --hardware h100 --batch 8 --quant int4-g128
 """
 
 from __future__ import annotations
@@ -316,6 +317,30 @@ def cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace, out: TextIO) -> int:
+    from rapidlm.profile.estimate import estimate
+    from rapidlm.runtime.device import set_threads
+
+    set_threads(args.threads)  # cpu-here's ceilings are measured (and cached) for this thread count
+    result = estimate(
+        args.model if args.config is None else None,
+        args.hardware,
+        dtype=args.dtype,
+        quant=args.quant,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        tensor_parallel=args.tensor_parallel,
+        config_json=args.config,
+        remeasure=args.remeasure,
+    )
+    out.write(result.render() + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+        out.write(f"wrote {args.json}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidlm", description="Fast LLM inference on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -418,6 +443,20 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default=None, help="folder for report.html, its PNGs and profile.json")
     _add_model_args(prof)
 
+    est = sub.add_parser("estimate", help="predict TTFT, decode tok/s and memory from the architecture alone")
+    est.add_argument("--model", "-m", default=DEFAULT_MODEL, help="alias, .gguf file or model folder (headers only)")
+    est.add_argument("--config", default=None, help="a config JSON (HF config.json or ModelConfig fields) instead")
+    est.add_argument("--hardware", default="cpu-here", help="cpu-here (measured, cached), h100, h200, a100, l4, ...")
+    est.add_argument("--dtype", default="auto", help="activations: auto, float32, bfloat16, float16")
+    est.add_argument("--quant", default=None, help="native, int8, int4-g32, int4-g128, w8a8, kv-int8, a recipe file...")
+    est.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
+    est.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default: %(default)s)")
+    est.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence (default: %(default)s)")
+    est.add_argument("--tensor-parallel", type=int, default=1, help="GPUs the weights are split over (GPU hardware)")
+    est.add_argument("--threads", type=int, default=None, help="CPU threads (cpu-here is measured per thread count)")
+    est.add_argument("--remeasure", action="store_true", help="measure cpu-here's ceilings again (else cached)")
+    est.add_argument("--json", default=None, help="also write the estimate as JSON here")
+
     info = sub.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("model_pos", nargs="?", metavar="MODEL", help="alias, .gguf file or HF folder")
     info.add_argument("--model", "-m", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
@@ -444,6 +483,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, inp: Text
             return cmd_serve(args, out)
         if args.command == "profile":
             return cmd_profile(args, out)
+        if args.command == "estimate":
+            return cmd_estimate(args, out)
         return cmd_info(args, out)
     except (RapidLMError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"rapidlm: error: {exc}", file=sys.stderr)

@@ -289,6 +289,7 @@ class ModelSpec:
     embed_bytes_per_elem: float  # the embedding table's dtype size
     norm_bytes_per_elem: float
     tied_shared: bool  # the head IS the embedding table (tied, both plain float): its bytes count once
+    tied: bool = False  # the config ties head and embedding (one matrix of parameters, maybe stored twice)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelSpec:
@@ -316,6 +317,7 @@ class ModelSpec:
             embed_bytes_per_elem=float(model.embed.weight.element_size()),
             norm_bytes_per_elem=float(model.norm.weight.element_size()),
             tied_shared=shared,
+            tied=bool(model.cfg.tie_word_embeddings),
         )
 
     @property
@@ -329,7 +331,7 @@ class ModelSpec:
     @property
     def params(self) -> int:
         linears = sum(lin.params for layer in self.layers for lin in layer.linears)
-        head = 0 if self.tied_shared else self.head.params
+        head = 0 if self.tied or self.tied_shared else self.head.params
         return linears + self.vocab * self.hidden + (2 * len(self.layers) + 1) * self.hidden + head
 
 

@@ -38,12 +38,24 @@ WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4", "w8a8")
 DEVICES = ("cpu", "cuda")
 CACHE_VERSION = 1  # bump when what is measured changes, so old cache files are re-measured
 
-# Framework ops in one rapidlm decoder layer's eager forward (models/llama.py, models/layers.py,
-# runtime/attention.py, runtime/kv_cache.py), as the PyTorch profiler counts top-level ops at one decode step:
-# 2 RMSNorms x 8 (vector_norm, square_, div_, add_, rsqrt_, empty_like, mul, weight mul), 4 linears, q|k|v view
-# and 4 slices, the widening .to, RoPE 5 (2 slices, cat, mul, addcmul), cache write 2 index_put + .to + 2
-# slices read back, SDPA + transpose, output transpose + reshape + .to, 2 residual adds, MLP split + silu + mul.
-CPU_OPS_PER_LAYER = 49
+# Framework ops of rapidlm's eager forward (models/llama.py, models/layers.py, runtime/attention.py,
+# runtime/kv_cache.py) at one decode step, as the PyTorch profiler counts top-level ops (views included: each is a
+# Python call and a dispatch), by op kind. tests/profile/test_roofline.py counts them on a live model.
+CPU_LAYER_OPS: dict[str, int] = {
+    "norms": 16,  # 2 RMSNorms x (vector_norm, square_, div_, add_, rsqrt_, empty_like, mul, weight mul)
+    "qkv_proj": 6,  # linear, view, slices of q|k, q, k, v
+    "rotary": 7,  # widening .to, RoPE (2 slices, cat, mul, addcmul), a view
+    "attention": 8,  # 2 index_put (K, V write), v .to, 2 slices read back, q transpose, SDPA, a view
+    "o_proj": 5,  # transpose, reshape, .to, linear, residual add
+    "mlp": 6,  # gate|up linear, split, silu, mul, down linear, residual add
+}
+CPU_STEP_OPS: dict[str, int] = {  # outside the layers, per step
+    "embedding": 6,  # embedding, token/position unsqueezes, batch-index arange + unsqueeze + expand
+    "rotary": 6,  # cos/sin table gathers, casts, unsqueezes
+    "norms": 8,  # the final RMSNorm
+    "head": 4,  # linear, select of the last position, .float(), the sampler's argmax
+}
+CPU_OPS_PER_LAYER = sum(CPU_LAYER_OPS.values())  # 48
 
 
 @dataclass
@@ -62,6 +74,8 @@ class Ceilings:
     linear_overhead_us: dict[str, float] = field(default_factory=dict)  # one linear call's fixed cost (op_overhead)
     layer_op_overhead_us: dict[str, float] = field(default_factory=dict)  # fixed cost per op in a layer (op_overhead)
     memory_gib: float | None = None  # device memory (GPUs) or RAM, for "does it fit"
+    link_gbs: float | None = None  # GPU-to-GPU bandwidth per direction (tensor parallelism), GB/s
+    collective_latency_us: float = 0.0  # fixed cost of one all-reduce / all-gather between the GPUs
     details: dict[str, str] = field(default_factory=dict)  # how each number was obtained
 
     def __post_init__(self) -> None:
@@ -89,6 +103,9 @@ class Ceilings:
             raise ValueError(f"Ceilings.threads must be a positive int or None, got {self.threads!r}")
         if self.memory_gib is not None:
             _check_positive("Ceilings.memory_gib", self.memory_gib)
+        if self.link_gbs is not None:
+            _check_positive("Ceilings.link_gbs", self.link_gbs)
+        _check_positive("Ceilings.collective_latency_us", self.collective_latency_us, allow_zero=True)
 
     # ---- lookups with the documented fallbacks ----
 
@@ -139,81 +156,51 @@ def op_time_s(cost: OpCost, ceilings: Ceilings, dtype: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Datasheet hardware. Dense (no sparsity) tensor-core peaks; bandwidth is the HBM/GDDR figure. op_overhead_us
-# is the cost of one small kernel in rapidlm's CUDA-graph decode step, measured on an H200 (docs/cuda.md: the
-# six small kernels per layer of the 7B shape and the gaps between launches took 0.62 ms for 32 layers = 192
-# kernels, 3.2 us each); launch gaps inside a graph are similar across these GPUs, so it is used for all.
+# Datasheet hardware. Dense (no sparsity) tensor-core peaks; bandwidth is the HBM/GDDR figure; memory the nominal
+# size (a little less is usable); link = NVLink (or PCIe) bandwidth per direction, for tensor parallelism.
+# op_overhead_us is the cost of one small kernel in rapidlm's CUDA-graph decode step, measured on an H200
+# (docs/cuda.md: the six small kernels per layer of the 7B shape, with the gaps between launches, took 0.62 ms
+# over 32 layers = 192 kernels: 3.2 us each); graph launch gaps are similar across these GPUs, so it serves all.
+# collective_latency_us is an assumption, not a measurement: the order of NCCL's small-message all-reduce time.
 
 _GPU_OP_US = 3.2
-_GPU_OP_NOTE = "3.2 us per small kernel, measured in rapidlm's CUDA-graph decode on an H200 (docs/cuda.md)"
+_GPU_NOTES = {
+    "op_overhead_us": "3.2 us per small kernel, measured in rapidlm's CUDA-graph decode on an H200 (docs/cuda.md)",
+    "collective_latency_us": "assumed 10 us per all-reduce (order of NCCL small-message latency), not measured",
+}
+
+
+def _gpu(name: str, bandwidth: float, fp32: float, bf16: float, int8: float, memory: float, link: float,
+         source: str) -> Ceilings:
+    """A datasheet GPU: bandwidth GB/s, peaks in TFLOP/s (int8: TOPS), memory GB, link GB/s per direction."""
+    return Ceilings(
+        name=name,
+        bandwidth_gbs=bandwidth,
+        flops_gflops={"float32": fp32 * 1e3, "bfloat16": bf16 * 1e3, "float16": bf16 * 1e3, "int8": int8 * 1e3},
+        op_overhead_us=_GPU_OP_US,
+        source="datasheet: " + source,
+        device="cuda",
+        memory_gib=memory,
+        link_gbs=link,
+        collective_latency_us=10.0,
+        details=dict(_GPU_NOTES),
+    )
+
 
 HARDWARE: dict[str, Ceilings] = {
-    "h100": Ceilings(
-        name="h100",
-        bandwidth_gbs=3350.0,
-        flops_gflops={"float32": 67_000.0, "bfloat16": 989_000.0, "float16": 989_000.0, "int8": 1_979_000.0},
-        op_overhead_us=_GPU_OP_US,
-        source="datasheet: NVIDIA H100 SXM5 80GB, 3.35 TB/s HBM3, 989 TFLOP/s bf16 dense, 1979 TOPS int8 dense, "
-        "67 TFLOP/s fp32 (non-tensor)",
-        device="cuda",
-        memory_gib=80 * 1e9 / 2**30,
-        details={"op_overhead_us": _GPU_OP_NOTE},
-    ),
-    "h100-pcie": Ceilings(
-        name="h100-pcie",
-        bandwidth_gbs=2000.0,
-        flops_gflops={"float32": 51_000.0, "bfloat16": 756_000.0, "float16": 756_000.0, "int8": 1_513_000.0},
-        op_overhead_us=_GPU_OP_US,
-        source="datasheet: NVIDIA H100 PCIe 80GB, 2.0 TB/s HBM2e, 756 TFLOP/s bf16 dense, 1513 TOPS int8 dense, "
-        "51 TFLOP/s fp32",
-        device="cuda",
-        memory_gib=80 * 1e9 / 2**30,
-        details={"op_overhead_us": _GPU_OP_NOTE},
-    ),
-    "h200": Ceilings(
-        name="h200",
-        bandwidth_gbs=4800.0,
-        flops_gflops={"float32": 67_000.0, "bfloat16": 989_000.0, "float16": 989_000.0, "int8": 1_979_000.0},
-        op_overhead_us=_GPU_OP_US,
-        source="datasheet: NVIDIA H200 SXM 141GB, 4.8 TB/s HBM3e, 989 TFLOP/s bf16 dense, 1979 TOPS int8 dense, "
-        "67 TFLOP/s fp32",
-        device="cuda",
-        memory_gib=141 * 1e9 / 2**30,
-        details={"op_overhead_us": _GPU_OP_NOTE},
-    ),
-    "a100": Ceilings(
-        name="a100",
-        bandwidth_gbs=2039.0,
-        flops_gflops={"float32": 19_500.0, "bfloat16": 312_000.0, "float16": 312_000.0, "int8": 624_000.0},
-        op_overhead_us=_GPU_OP_US,
-        source="datasheet: NVIDIA A100 SXM4 80GB, 2.039 TB/s HBM2e, 312 TFLOP/s bf16 dense, 624 TOPS int8 dense, "
-        "19.5 TFLOP/s fp32",
-        device="cuda",
-        memory_gib=80 * 1e9 / 2**30,
-        details={"op_overhead_us": _GPU_OP_NOTE},
-    ),
-    "a100-40gb": Ceilings(
-        name="a100-40gb",
-        bandwidth_gbs=1555.0,
-        flops_gflops={"float32": 19_500.0, "bfloat16": 312_000.0, "float16": 312_000.0, "int8": 624_000.0},
-        op_overhead_us=_GPU_OP_US,
-        source="datasheet: NVIDIA A100 SXM4 40GB, 1.555 TB/s HBM2, 312 TFLOP/s bf16 dense, 624 TOPS int8 dense, "
-        "19.5 TFLOP/s fp32",
-        device="cuda",
-        memory_gib=40 * 1e9 / 2**30,
-        details={"op_overhead_us": _GPU_OP_NOTE},
-    ),
-    "l4": Ceilings(
-        name="l4",
-        bandwidth_gbs=300.0,
-        flops_gflops={"float32": 30_300.0, "bfloat16": 121_000.0, "float16": 121_000.0, "int8": 242_000.0},
-        op_overhead_us=_GPU_OP_US,
-        source="datasheet: NVIDIA L4 24GB, 300 GB/s GDDR6, 121 TFLOP/s bf16 dense, 242 TOPS int8 dense, "
-        "30.3 TFLOP/s fp32",
-        device="cuda",
-        memory_gib=24 * 1e9 / 2**30,
-        details={"op_overhead_us": _GPU_OP_NOTE},
-    ),
+    "h100": _gpu("h100", 3350, 67, 989, 1979, 80, 450, "NVIDIA H100 SXM5 80GB: 3.35 TB/s HBM3, 989 TFLOP/s bf16 "
+                 "dense, 1979 TOPS int8 dense, 67 TFLOP/s fp32, NVLink 900 GB/s (450 per direction)"),
+    "h100-pcie": _gpu("h100-pcie", 2000, 51, 756, 1513, 80, 64, "NVIDIA H100 PCIe 80GB: 2.0 TB/s HBM2e, 756 TFLOP/s "
+                      "bf16 dense, 1513 TOPS int8 dense, 51 TFLOP/s fp32, PCIe Gen5 x16 128 GB/s (64 per direction)"),
+    "h200": _gpu("h200", 4800, 67, 989, 1979, 141, 450, "NVIDIA H200 SXM 141GB: 4.8 TB/s HBM3e, 989 TFLOP/s bf16 "
+                 "dense, 1979 TOPS int8 dense, 67 TFLOP/s fp32, NVLink 900 GB/s (450 per direction)"),
+    "a100": _gpu("a100", 2039, 19.5, 312, 624, 80, 300, "NVIDIA A100 SXM4 80GB: 2.039 TB/s HBM2e, 312 TFLOP/s bf16 "
+                 "dense, 624 TOPS int8 dense, 19.5 TFLOP/s fp32, NVLink 600 GB/s (300 per direction)"),
+    "a100-40gb": _gpu("a100-40gb", 1555, 19.5, 312, 624, 40, 300, "NVIDIA A100 SXM4 40GB: 1.555 TB/s HBM2, "
+                      "312 TFLOP/s bf16 dense, 624 TOPS int8 dense, 19.5 TFLOP/s fp32, NVLink 600 GB/s (300 per "
+                      "direction)"),
+    "l4": _gpu("l4", 300, 30.3, 121, 242, 24, 32, "NVIDIA L4 24GB: 300 GB/s GDDR6, 121 TFLOP/s bf16 dense, 242 TOPS "
+               "int8 dense, 30.3 TFLOP/s fp32, PCIe Gen4 x16 64 GB/s (32 per direction)"),
 }
 
 CPU_HERE = "cpu-here"
