@@ -729,6 +729,9 @@ def profile(llm: Any, config: ProfileConfig, ceilings: Any, hook_cost: HookCost 
         what = "torch.compile" if model_info["compiled"] else "CUDA graphs"
         notes.append(f"decode ran with {what} in the plain pass; the instrumented pass ran it eagerly (hooks "
                      "cannot see inside a graph), so the breakdown describes the eager step")
+    if runner.device.type == "cuda":
+        notes.append("on the GPU every clock read of the instrumented pass waits for the GPU (synchronize): each part "
+                     "is its kernels' time plus their launches, without the overlap of CPU and GPU work")
 
     load_before = _load_average()
     # Warm-up, plain and instrumented alike: allocator growth, kernel builds, first-call costs stay out.

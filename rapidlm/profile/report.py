@@ -130,8 +130,15 @@ def _accounting_sentence(p: Profile, acc: dict[str, float]) -> str:
         f"{_pct(acc['unattributed_share'])} ({ok} the {ACCOUNTING_LIMIT:.0%} limit). Less the hooks' calibrated cost "
         f"({1e6 * p.hook_cost.module_s:.2f} us per hooked module call), the median step's parts make "
         f"{_ms(acc['corrected_parts_step_p50_s'])} ms against {_ms(plain)} ms for the median un-instrumented step "
-        f"({100 * diff:+.1f}%); the hooks slow the median step by {_pct(p.hook_overhead())}."
+        f"({100 * diff:+.1f}%)"
+        + (f"; that step ran as one graph ({_graph_mode(p)}) and the instrumented one eagerly, so the gap is the "
+           "graph's gain more than the hooks' cost." if _graph_mode(p) else
+           f"; the hooks slow the median step by {_pct(p.hook_overhead())}.")
     )
+
+
+def _graph_mode(p: Profile) -> str | None:
+    return "torch.compile" if p.model.get("compiled") else "CUDA graphs" if p.model.get("cuda_graphs") else None
 
 
 # ---- JSON -------------------------------------------------------------------------------------------------------
