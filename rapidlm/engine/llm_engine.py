@@ -24,6 +24,7 @@ from rapidlm.runtime.model_runner import ModelRunner
 from rapidlm.runtime.paged_kv import PagedKVCache
 
 MAX_LOGPROBS = 20
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -35,12 +36,19 @@ class EngineConfig:
     max_batched_tokens: int = 256  # tokens per step: decode tokens plus prefill chunks
     enable_prefix_caching: bool = True
     kv_cache_bytes: int = 1 << 30  # pool budget when kv_blocks is None
+    # What the KV pool stores. "auto": bf16 when the model computes in bf16 (keys/values come out of bf16
+    # projections; values are exact in bf16, keys are rounded once after RoPE), else the attention dtype.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"EngineConfig.{name} must be an int >= 1, got {value!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"EngineConfig.kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.kv_blocks is not None and (
             not isinstance(self.kv_blocks, int) or isinstance(self.kv_blocks, bool) or self.kv_blocks < 1
         ):
@@ -66,12 +74,15 @@ class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
         self.runner, self.tokenizer = runner, tokenizer
         self.config = config = config or EngineConfig()
+        storage = KV_CACHE_DTYPES[config.kv_cache_dtype]
+        if storage is None:  # auto
+            storage = torch.bfloat16 if runner.dtype == torch.bfloat16 else runner.kv_dtype
         num_blocks = config.kv_blocks
         if num_blocks is None:
-            per_block = PagedKVCache.bytes_per_block(runner.cfg, config.block_size, runner.kv_dtype)
+            per_block = PagedKVCache.bytes_per_block(runner.cfg, config.block_size, storage)
             wanted = config.max_running * -(-runner.max_seq_len // config.block_size)
             num_blocks = max(1, min(wanted, config.kv_cache_bytes // per_block))
-        self.cache = runner.allocate_paged(num_blocks, config.block_size)
+        self.cache = runner.allocate_paged(num_blocks, config.block_size, storage_dtype=storage)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.requests: dict[str, _Request] = {}
