@@ -157,3 +157,15 @@ def test_default_model_batched_equals_generate(llm_fp32):
         ref = llm_fp32.generate(p, params)[0]
         assert tokens(got[str(i)]) == ref.token_ids
         assert "".join(o.new_text for o in got[str(i)]) == ref.text
+
+
+def test_kv_cache_dtype(tiny):
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")
+    auto = EngineCore(tiny.runner, tiny.tokenizer, EngineConfig(kv_blocks=8))
+    assert auto.cache.storage_dtype == torch.float32  # an fp32 model keeps an fp32 pool (exact outputs)
+    bf16 = EngineCore(tiny.runner, tiny.tokenizer, EngineConfig(kv_blocks=8, kv_cache_dtype="bfloat16"))
+    assert bf16.cache.storage_dtype == torch.bfloat16 and bf16.cache.dtype == torch.float32
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = run_all(bf16, [("r", PROMPTS[1], params)])["r"]
+    assert len(tokens(outs)) == 6 and bf16.kv.num_used == 0
