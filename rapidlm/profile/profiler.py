@@ -526,7 +526,9 @@ class Profile:
             if cost is None or ph.steps == 0:
                 continue
             flops, nbytes = cost.flops / ph.steps, cost.bytes / ph.steps
-            dtype = self.model["kv_dtype"] if kind in ("rotary", "attention") else self.model["dtype"]
+            # RoPE and attention compute in the attention dtype (fp32 on CPU, also over an int8 cache)
+            dtype = _roof_dtype(c, self.model["attention_dtype"] if kind in ("rotary", "attention")
+                                else self.model["dtype"])
             peak = _peak(c, dtype)
             intensity = flops / nbytes if nbytes else math.inf
             roof = min(peak, intensity * c.bandwidth_gbs) if math.isfinite(intensity) else peak
@@ -599,6 +601,15 @@ class Profile:
         }
 
 
+def _roof_dtype(ceilings: Any, dtype: str) -> str:
+    """The dtype whose peak applies: itself if the ceilings have it, else the nearest they do have."""
+    peaks = ceilings.flops_gflops
+    for candidate in (dtype, "bfloat16" if dtype == "float16" else dtype, "float32"):
+        if candidate in peaks:
+            return candidate
+    return max(peaks, key=peaks.get)
+
+
 def _peak(ceilings: Any, dtype: str) -> float:
     peaks = ceilings.flops_gflops
     if dtype in peaks:
@@ -620,20 +631,23 @@ def bottleneck_sentence(p: Profile) -> str:
     c = p.ceilings
     bw_step = nbytes / step / 1e9 / c.bandwidth_gbs if step > 0 else 0.0  # over the whole step
     bw_ops = nbytes / op_time / 1e9 / c.bandwidth_gbs if op_time > 0 else 0.0  # while in the ops
-    peak = _peak(c, p.model["dtype"])
-    compute_bound = nbytes > 0 and flops / nbytes * c.bandwidth_gbs >= peak
+    peak = _peak(c, _roof_dtype(c, p.model["dtype"]))
+    intensity = flops / nbytes if nbytes else math.inf
+    ridge = peak / c.bandwidth_gbs
+    roof_time = sum(o["roofline_time_s"] for o in ops)
+    slower = f"{op_time / roof_time:.1f}x their roofline time" if roof_time > 0 else "no roofline time"
     top = max(OP_KINDS, key=lambda k: shares[k])
-    if compute_bound:
+    tail = (f"{100 * overhead:.0f}% of each step is framework and Python overhead, and the largest op is the "
+            f"{KIND_LABELS[top]} ({100 * shares[top]:.0f}%).")
+    if intensity >= ridge:
         rate = flops / step / 1e9 / peak if step > 0 else 0.0
-        head = f"decode is compute-bound at {100 * rate:.0f}% of the measured {p.model['dtype']} peak"
-    elif overhead >= 0.5:
-        head = (f"decode is overhead-bound: its ops move {nbytes / 1e6:.1f} MB a step at {100 * bw_ops:.0f}% of "
-                f"bandwidth, but the step as a whole reaches {100 * bw_step:.0f}%")
-    else:
-        head = (f"decode is memory-bound at {100 * bw_step:.0f}% of bandwidth "
-                f"({100 * bw_ops:.0f}% while in the ops)")
-    return (f"{head}; {100 * overhead:.0f}% of each step is framework and Python overhead, "
-            f"and the largest op is the {KIND_LABELS[top]} ({100 * shares[top]:.0f}%).")
+        return (f"decode is compute-bound ({intensity:.1f} FLOP/byte, ridge {ridge:.1f}) at {100 * rate:.0f}% of "
+                f"the {p.model['dtype']} peak (its ops take {slower}); {tail}")
+    if overhead >= 0.5:
+        return (f"decode is overhead-bound: its ops, memory-bound at {intensity:.1f} FLOP/byte, reach "
+                f"{100 * bw_ops:.0f}% of bandwidth ({slower}), but {tail}")
+    return (f"decode is memory-bound ({intensity:.1f} FLOP/byte, ridge {ridge:.1f}) at {100 * bw_step:.0f}% of "
+            f"bandwidth ({100 * bw_ops:.0f}% inside the ops, which take {slower}); {tail}")
 
 
 def _load_average() -> float:
@@ -659,6 +673,7 @@ def _model_info(llm: Any) -> dict[str, Any]:
         "device": runner.device.type,
         "dtype": str(runner.dtype).removeprefix("torch."),
         "kv_dtype": "int8" if runner.kv_int8 else str(runner.kv_dtype).removeprefix("torch."),
+        "attention_dtype": str(runner.kv_dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "quantization": _recipe_name(recipe),
         "linears": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith(("wqkv", "wo", "w_down"))}),

@@ -224,3 +224,33 @@ def test_ceilings_for_picks_the_roof():
     assert ceilings_for(torch.device("cpu"), "h200") is roofline.HARDWARE["h200"]
     with pytest.raises(ValueError, match="unknown hardware"):
         ceilings_for(torch.device("cpu"), "tpu-v9")
+
+
+def test_structurally_pruned_and_quantized_model(tmp_path, ceilings, single_thread):
+    """A smaller model (a KV group, MLP channels and a layer removed) run as int4: shapes read off the model."""
+    from rapidlm import LLM
+    from tests.helpers import save_hf_folder, tiny_hf_model
+
+    folder = save_hf_folder(tiny_hf_model("LlamaForCausalLM", num_hidden_layers=3), tmp_path / "m")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "steps:\n  - type: structured\n    heads: 1\n    ffn_channels: 32\n    layers: 1\n"
+        "  - type: int4_weight_only\n    group_size: 32\ncalibration:\n  samples: 4\n  seq_len: 32\n"
+    )
+    llm = LLM(folder, device="cpu", dtype="float32", quantization=str(recipe))
+    p = profile(llm, ProfileConfig(batch=1, prompt_len=8, gen_len=4, rounds=1, warmup_tokens=1), ceilings)
+    assert p.model["layers"] == 2 and len(p.decode.layers_s) == 2
+    assert p.model["linears"] == ["Int4Linear"]
+    assert p.accounting()["unattributed_share"] < ACCOUNTING_LIMIT
+    mlp = {o["kind"]: o for o in p.ops()}["mlp"]
+    assert mlp["flops"] == pytest.approx(2 * (2 * 64 * 2 * 96 + 2 * 96 * 64) + 2 * (5 * 96 + 64), rel=1e-9)
+
+
+def test_int8_kv_cache(tiny_folder, ceilings, single_thread):
+    from rapidlm import LLM
+
+    llm = LLM(tiny_folder, device="cpu", dtype="float32", quantization="kv-int8")
+    p = profile(llm, ProfileConfig(batch=1, prompt_len=8, gen_len=4, rounds=1, warmup_tokens=1), ceilings)
+    assert p.model["kv_dtype"] == "int8" and p.model["attention_dtype"] == "float32"
+    assert {o["kind"]: o for o in p.ops()}["attention"]["dtype"] == "float32"
+    assert p.accounting()["unattributed_share"] < ACCOUNTING_LIMIT
