@@ -800,4 +800,11 @@ def profile(llm: Any, config: ProfileConfig, ceilings: Any, hook_cost: HookCost 
             dec[k] = dec[k] + c if k in dec else c
     decode.costs = {k: c * cfg.rounds for k, c in dec.items()}
     decode.tokens = cfg.batch * (cfg.gen_len - 1) * cfg.rounds
-    return Profile(model_info, config, ceilings, hook_cost, plain_decode, plain_prefill, prefill, decode, notes)
+    result = Profile(model_info, config, ceilings, hook_cost, plain_decode, plain_prefill, prefill, decode, notes)
+    above = [f"{KIND_LABELS[o['kind']]} ({phase}, {100 * o['roof_share']:.0f}%)"
+             for phase in ("decode", "prefill") for o in result.ops(phase) if o["roof_share"] > 1.1]
+    if above:
+        notes.append(f"above the roof: {', '.join(above)}. A ceiling measured while the machine was busy is too "
+                     "low (measure again with --remeasure when it is quiet); a kernel that only reads may also "
+                     "stream faster than the copy (read + write) that sets the bandwidth roof")
+    return result

@@ -261,7 +261,7 @@ def _plot_layers(p: Profile, plt: Any) -> Any:
 
 def _plot_roofline(p: Profile, plt: Any) -> Any:
     c = p.ceilings
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(11, 6))
     points = [(o, "decode", "o") for o in p.ops("decode")] + [(o, "prefill", "^") for o in p.ops("prefill")]
     plotted = [(o, ph, mk) for o, ph, mk in points if o["flops"] > 0 and o["gflops"] > 0]
     xs = [o["intensity"] for o, _, _ in plotted] or [1.0]
@@ -272,11 +272,13 @@ def _plot_roofline(p: Profile, plt: Any) -> Any:
         peak = c.flops_gflops[dt]
         ax.plot(grid, [min(peak, x * c.bandwidth_gbs) for x in grid], linewidth=2,
                 label=f"roof: {c.bandwidth_gbs:,.1f} GB/s, {dt} {peak:,.0f} GFLOP/s")
-    for o, phase, marker in plotted:
-        ax.scatter([o["intensity"]], [o["gflops"]], marker=marker, s=60, color=KIND_COLORS[o["kind"]],
+    for o, _, marker in plotted:
+        ax.scatter([o["intensity"]], [o["gflops"]], marker=marker, s=70, color=KIND_COLORS[o["kind"]],
                    edgecolor="black", zorder=3)
-        ax.annotate(f"{KIND_LABELS[o['kind']]} ({phase})", (o["intensity"], o["gflops"]), textcoords="offset points",
-                    xytext=(5, 3), fontsize=7)
+    # Colour = op kind, marker = phase, both in the legend: labels beside the points would pile up where
+    # several projections share an intensity.
+    for kind in dict.fromkeys(o["kind"] for o, _, _ in plotted):
+        ax.scatter([], [], marker="s", s=50, color=KIND_COLORS[kind], edgecolor="black", label=KIND_LABELS[kind])
     ax.scatter([], [], marker="o", color="white", edgecolor="black", label="decode (per step)")
     ax.scatter([], [], marker="^", color="white", edgecolor="black", label="prefill")
     ax.set_xscale("log")
@@ -285,7 +287,7 @@ def _plot_roofline(p: Profile, plt: Any) -> Any:
     ax.set_ylabel("achieved GFLOP/s")
     ax.set_title(f"roofline ({c.name}; ceilings {c.source})", fontsize=10)
     ax.grid(which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
