@@ -804,7 +804,8 @@ def profile(llm: Any, config: ProfileConfig, ceilings: Any, hook_cost: HookCost 
     above = [f"{KIND_LABELS[o['kind']]} ({phase}, {100 * o['roof_share']:.0f}%)"
              for phase in ("decode", "prefill") for o in result.ops(phase) if o["roof_share"] > 1.1]
     if above:
-        notes.append(f"above the roof: {', '.join(above)}. A ceiling measured while the machine was busy is too "
-                     "low (measure again with --remeasure when it is quiet); a kernel that only reads may also "
-                     "stream faster than the copy (read + write) that sets the bandwidth roof")
+        notes.append(f"above the roof: {', '.join(above)}. A roof an op beats is too low: measured while the "
+                     "machine was busy (measure again with --remeasure when it is quiet), or set by a slower "
+                     "kernel than the op's own (the 2048^3 GEMM sets the FLOP/s roof, a read + write copy the "
+                     "bandwidth roof, which a read-only stream can beat)")
     return result
