@@ -193,7 +193,7 @@ def _plot_steps(p: Profile, plt: Any) -> Any:
     inst = p.decode_stats(plain=False)
     # Both passes over common bins (the plain pass's count, the union's range), so their shapes compare.
     lo, hi = min(s.min, inst.min), max(s.max, inst.max)
-    bins = len(s.histogram.counts)
+    bins = max(len(s.histogram.counts), min(40, s.n // 4))  # finer than the JSON's Sturges bins: it is a picture
     edges = [1e3 * (lo + (hi - lo) * i / bins) for i in range(bins + 1)] if hi > lo else 1
     ax.hist([1e3 * t for t in p.plain_decode_s], bins=edges, color="#1f77b4", alpha=0.7, label="plain")
     ax.hist([1e3 * t for t in p.decode.wall_s], bins=edges, histtype="step", color="#d62728", linewidth=1.5,
