@@ -43,10 +43,15 @@ from rapidlm.profile.costs import (
     rope_cost,
 )
 from rapidlm.profile.roofline import (
+    CPU_HERE,
     CPU_LAYER_OPS,
     CPU_STEP_OPS,
     Ceilings,
+    attention_key,
+    complete_ceilings,
     get_hardware,
+    linear_key,
+    step_key,
 )
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -84,7 +89,7 @@ class OpRow:
     kind: str
     flops: float
     bytes: float
-    roofline_s: float  # sum over its ops of max(compute, memory) (linears: memory at the kernel's stream rate)
+    roofline_s: float  # its kernels: sum of max(compute, memory) per op; on cpu-here decode, linears as measured
     fixed_s: float  # fixed per-op / per-kernel costs
     ops: float  # framework ops (CPU) or kernels (CUDA) per step
     bound: str  # "compute", "memory" or "overhead": the largest of its three times
@@ -101,6 +106,7 @@ class Phase:
     q_len: int
     kv_len: int
     rows: list[OpRow]
+    measured_linears: bool = False  # linears timed by cpu-here microbenchmarks at their shapes (else roofline)
 
     @property
     def time_s(self) -> float:
@@ -214,7 +220,7 @@ class Estimate:
         for p in (self.decode, self.prefill):
             lines += ["", f"{p.name} step (batch {p.batch}, {p.q_len} token{'s' if p.q_len > 1 else ''} each, "
                           f"context {p.kv_len}): {1e3 * p.time_s:.2f} ms"]
-            lines.append(f"  {'op kind':<14}{'GFLOP':>10}{'MB':>10}{'ops':>7}{'roofline ms':>13}{'fixed ms':>10}"
+            lines.append(f"  {'op kind':<14}{'GFLOP':>10}{'MB':>10}{'ops':>7}{'kernels ms':>13}{'fixed ms':>10}"
                          f"{'time ms':>10}{'share':>7}  bound")
             for r in p.rows:
                 lines.append(
@@ -291,16 +297,16 @@ def spec_from_config(cfg: ModelConfig, dtype: str, linear=None, head=None) -> Mo
     )
 
 
-def _gguf_spec(path: Path, cfg: ModelConfig, dtype: str) -> tuple[ModelSpec, str]:
+def _gguf_spec(g, cfg: ModelConfig, dtype: str) -> tuple[ModelSpec, str]:  # noqa: ANN001 - an opened GGUFFile
     """The formats `native` loading gives a GGUF file's tensors on a bf16 CPU: Q4_0/Q4_1 projections as int4 g32
     with fp16 scale + offset, Q8_0 as int8 g32 with fp32 scales; fused q|k|v and gate|up stay packed only if
     their parts share one format; a tied Q8_0 embedding is also the int8 head; the rest dequantized to dtype."""
     import gguf
 
-    from rapidlm.loading.gguf import _Q4_BLOCK_BYTES, hf_name, open_gguf
+    from rapidlm.loading.gguf import _Q4_BLOCK_BYTES, hf_name
 
     kinds = {}
-    for t in open_gguf(path).reader.tensors:
+    for t in g.reader.tensors:
         name = hf_name(t.name)
         if name is not None:
             kinds[name] = gguf.GGMLQuantizationType(t.tensor_type).name
@@ -493,6 +499,7 @@ class _Part:
     cost: OpCost
     linear: LinearSpec | None  # the linear it is, if one
     compute_dtype: str
+    attention: tuple | None = None  # (batch, heads, kv_heads, head_dim, kv_len, dtype) of an attention op
 
 
 def _step_parts(spec: ModelSpec, batch: int, q_len: int, kv_len: int, act: str, kv: str, attn_dtype: str,
@@ -518,7 +525,8 @@ def _step_parts(spec: ModelSpec, batch: int, q_len: int, kv_len: int, act: str, 
         parts["rotary"].append(_Part(rope_cost(tokens, h, hkv, layer.head_dim, DTYPE_BYTES[attn_dtype]), None,
                                      attn_dtype))
         parts["attention"].append(_Part(attention_cost(batch, q_len, kv_len, h, hkv, layer.head_dim, kb,
-                                                       DTYPE_BYTES[attn_dtype]), None, attn_dtype))
+                                                       DTYPE_BYTES[attn_dtype]), None, attn_dtype,
+                                        (batch, h, hkv, layer.head_dim, kv_len, attn_dtype)))
         parts["o_proj"].append(lin(layer.wo, tokens))
         parts["o_proj"].append(_Part(elementwise_cost(tokens * spec.hidden, 1, 2, ab), None, act))
         parts["mlp"].append(lin(layer.w_gate_up, tokens))
@@ -540,17 +548,58 @@ def _layer_format(spec: ModelSpec) -> str:
     return max(counts, key=counts.get) if counts else spec.head.fmt
 
 
+# Measured calls among CPU_LAYER_OPS / CPU_STEP_OPS (linears, SDPA): their cost is in their own measured time,
+# not in the fixed part.
+_LAYER_LINEARS = {"qkv_proj": 1, "o_proj": 1, "mlp": 2, "attention": 1}
+_STEP_LINEARS = {"head": 1}
+
+
+def _nonlinear_ops(kind: str, layers: int) -> int:
+    return (CPU_LAYER_OPS.get(kind, 0) - _LAYER_LINEARS.get(kind, 0)) * layers + CPU_STEP_OPS.get(kind, 0) - \
+        _STEP_LINEARS.get(kind, 0)
+
+
+def _measured_linears(spec: ModelSpec, m: int) -> list[tuple[str, int, int, int]]:
+    shapes = {(s.fmt, s.out_features, s.in_features, m) for la in spec.layers for s in la.linears}
+    return sorted(shapes | {(spec.head.fmt, spec.head.out_features, spec.head.in_features, m)})
+
+
+def _measured_attentions(spec: ModelSpec, batch: int, kv_len: int) -> list[tuple[int, int, int, int, int, str]]:
+    return sorted({(batch, la.n_heads, la.n_kv_heads, la.head_dim, kv_len, "float32") for la in spec.layers})
+
+
+def _measured(hw: Ceilings, spec: ModelSpec, batch: int, kv_len: int) -> bool:
+    """cpu-here with the per-shape linear and attention times and the fixed step cost this decode step needs."""
+    keys = [linear_key(*shape) for shape in _measured_linears(spec, batch)]
+    return (
+        hw.device == "cpu"
+        and all(k in hw.linear_us for k in keys)
+        and all(attention_key(*a) in hw.attention_us for a in _measured_attentions(spec, batch, kv_len))
+        and step_key(_layer_format(spec), len(spec.layers), batch) in hw.step_fixed_us
+    )
+
+
 def _phase(name: str, spec: ModelSpec, hw: Ceilings, batch: int, q_len: int, kv_len: int, act: str, kv: str,
            tp: int) -> Phase:
+    """One forward step's predicted time per op kind. Kernel time: the roofline of each op (linears stream their
+    weights at their format's rate), except on cpu-here decode steps, where each linear takes its measured time
+    at its shape. Fixed time: CPU, measured per-step cost of a width-64 model with this many layers (minus its
+    linear calls), shared over the op kinds by their op counts, else op count x fixed cost per op; CUDA, kernels
+    x per-kernel cost."""
     attn_dtype = "float32" if hw.device == "cpu" else act  # rapidlm's CPU attention runs in fp32
     parts = _step_parts(spec, batch, q_len, kv_len, act, kv, attn_dtype, tp)
     n_layers = len(spec.layers)
     fmt = _layer_format(spec)
+    measured = name == "decode" and q_len == 1 and kv != "int8" and _measured(hw, spec, batch, kv_len)
+    per_op_s = 0.0
+    if measured:
+        tiny = hw.step_fixed_us[step_key(fmt, n_layers, batch)]  # its linear calls already taken out
+        per_op_s = tiny * 1e-6 / sum(_nonlinear_ops(k, n_layers) for k in STEP_KEYS)
     rows = []
     for kind in STEP_KEYS:
         flops = sum(p.cost.flops for p in parts[kind])
         nbytes = sum(p.cost.bytes for p in parts[kind])
-        compute_s = memory_s = roof = 0.0
+        compute_s = memory_s = kernel_s = 0.0
         for p in parts[kind]:
             c = p.cost.flops / (hw.peak_gflops(p.compute_dtype) * 1e9)
             if p.linear is not None:
@@ -558,8 +607,18 @@ def _phase(name: str, spec: ModelSpec, hw: Ceilings, batch: int, q_len: int, kv_
                 m = w / (hw.stream_gbs(p.linear.fmt) * 1e9) + (p.cost.bytes - w) / (hw.bandwidth_gbs * 1e9)
             else:
                 m = p.cost.bytes / (hw.bandwidth_gbs * 1e9)
-            compute_s, memory_s, roof = compute_s + c, memory_s + m, roof + max(c, m)
-        if hw.device == "cpu":
+            compute_s, memory_s = compute_s + c, memory_s + m
+            if measured and p.linear is not None:
+                s = p.linear
+                kernel_s += hw.linear_us[linear_key(s.fmt, s.out_features, s.in_features, batch)] * 1e-6
+            elif measured and kind == "attention":
+                kernel_s += hw.attention_us[attention_key(*p.attention)] * 1e-6
+            else:
+                kernel_s += max(c, m)
+        if hw.device == "cpu" and measured:
+            ops = CPU_LAYER_OPS.get(kind, 0) * n_layers + CPU_STEP_OPS.get(kind, 0)
+            fixed = _nonlinear_ops(kind, n_layers) * per_op_s
+        elif hw.device == "cpu":
             ops = CPU_LAYER_OPS.get(kind, 0) * n_layers + CPU_STEP_OPS.get(kind, 0)
             fixed = ops * hw.layer_op_us(fmt) * 1e-6
             if kind == "head":  # its one linear call, at that format's measured call cost
@@ -569,11 +628,14 @@ def _phase(name: str, spec: ModelSpec, hw: Ceilings, batch: int, q_len: int, kv_
             if name == "prefill":  # prefill runs the eager model: every framework op is a launch
                 ops = CPU_LAYER_OPS.get(kind, 0) * n_layers + CPU_STEP_OPS.get(kind, 0)
             fixed = ops * hw.op_overhead_us * 1e-6
-        bound = max((("compute", compute_s), ("memory", memory_s), ("overhead", fixed)), key=lambda t: t[1])[0]
-        rows.append(OpRow(kind, flops, nbytes, roof, max(fixed, 0.0), float(ops), bound))
+        if fixed > kernel_s:
+            bound = "overhead"
+        else:
+            bound = "compute" if compute_s > memory_s else "memory"
+        rows.append(OpRow(kind, flops, nbytes, kernel_s, max(fixed, 0.0), float(ops), bound))
     if tp > 1:
         rows.append(_communication(spec, hw, batch * q_len, batch, act, tp))
-    return Phase(name, batch, q_len, kv_len, rows)
+    return Phase(name, batch, q_len, kv_len, rows, measured)
 
 
 def _communication(spec: ModelSpec, hw: Ceilings, tokens: int, batch: int, act: str, tp: int) -> OpRow:
@@ -640,9 +702,12 @@ def estimate(
     tensor_parallel: int = 1,
     config_json: str | os.PathLike | None = None,
     remeasure: bool = False,
+    measure: bool = True,
 ) -> Estimate:
     """Predict a run of `model` (an alias, .gguf file or folder; a ModelConfig; a loaded rapidlm Transformer; or
-    `config_json`, a config file) on `hardware` ("cpu-here", a HARDWARE name, or Ceilings)."""
+    `config_json`, a config file) on `hardware` ("cpu-here", a HARDWARE name, or Ceilings). On "cpu-here",
+    measure=True times the model's linear shapes and the fixed step cost for its layer count the first time they
+    are needed (a few seconds, cached); measure=False uses the roofline and per-op costs instead."""
     run = EstimateConfig(batch, prompt_len, gen_len, tensor_parallel)
     hw = hardware if isinstance(hardware, Ceilings) else get_hardware(hardware, remeasure=remeasure)
     if tensor_parallel > 1 and hw.device != "cuda":
@@ -666,6 +731,11 @@ def estimate(
     if prompt_len + gen_len > max_len:
         notes.append(f"prompt + gen = {prompt_len + gen_len} exceeds the context {max_len}: rapidlm would refuse it")
     mean_ctx = prompt_len + gen_len // 2
+    if hardware == CPU_HERE and measure:
+        # cpu-here: time each distinct linear shape of this model at this batch and the fixed cost of a step
+        # with this many layers, once (cached with the ceilings)
+        complete_ceilings(hw, _measured_linears(spec, batch), [(_layer_format(spec), len(spec.layers), batch)],
+                          _measured_attentions(spec, batch, mean_ctx) if kv != "int8" else [])
     prefill = _phase("prefill", spec, hw, 1, prompt_len, prompt_len, act, kv, tensor_parallel)
     decode = _phase("decode", spec, hw, batch, 1, mean_ctx, act, kv, tensor_parallel)
     if any(s.fmt == "int4" for la in spec.layers for s in la.linears) and hw.device == "cuda":
@@ -691,7 +761,7 @@ def estimate(
         prefill=prefill,
         decode=decode,
         memory=memory_bytes(spec, run, act, kv, max_len),
-        formulas=formulas(hw, spec),
+        formulas=formulas(hw, spec, decode.measured_linears),
         notes=notes,
     )
 
@@ -733,7 +803,14 @@ def _model_spec(model, config_json, act: str, hw: Ceilings, recipe, notes: list[
             raise ConfigError("quant: this folder is already compressed; estimate it without quant")
         cfg, spec, weights = _compressed_spec(path, act)
         return str(model), cfg, spec, weights
-    cfg = describe_model(path).config
+    gguf = None
+    if path.is_file():  # a GGUF file: its metadata and tensor types, parsed once (seconds for a large vocabulary)
+        from rapidlm.loading.gguf import gguf_config, open_gguf
+
+        gguf = open_gguf(path)
+        cfg = gguf_config(gguf)
+    else:
+        cfg = describe_model(path).config
     gguf_native = (
         path.is_file()
         and hw.device == "cpu"
@@ -743,7 +820,7 @@ def _model_spec(model, config_json, act: str, hw: Ceilings, recipe, notes: list[
     if recipe is not None and recipe.native and not (path.is_file() and hw.device == "cpu" and act == "bfloat16"):
         raise ConfigError("quant 'native' needs a .gguf model on a CPU with bf16 activations")
     if gguf_native:
-        spec, weights = _gguf_spec(path, cfg, act)
+        spec, weights = _gguf_spec(gguf, cfg, act)
         return str(model), cfg, spec, weights
     if recipe is None:
         return str(model), cfg, spec_from_config(cfg, act), f"{act} (dequantized)"
@@ -751,7 +828,7 @@ def _model_spec(model, config_json, act: str, hw: Ceilings, recipe, notes: list[
     return str(model), cfg, spec, weights
 
 
-def formulas(hw: Ceilings, spec: ModelSpec) -> list[str]:
+def formulas(hw: Ceilings, spec: ModelSpec, measured: bool = False) -> list[str]:
     fmt = _layer_format(spec)
     lines = [
         "linear:    t = max(weight_bytes / stream[fmt] + m·(K+N)·act_bytes / BW, 2·m·K·N / peak[dtype]);  "
@@ -762,7 +839,18 @@ def formulas(hw: Ceilings, spec: ModelSpec) -> list[str]:
         "2·T·d)·a",
         "other ops: t = max(flops / peak[dtype], bytes / BW)",
     ]
-    if hw.device == "cpu":
+    if hw.device == "cpu" and measured:
+        lines[0] = ("linear:    the kernel's measured time at its shape and batch (rapidlm's kernel of that format, "
+                    "weights cold);  roofline: max(weight_bytes / stream[fmt] + m·(K+N)·a / BW, 2·m·K·N / peak)")
+        lines[1] = ("attention: SDPA's measured time at its shape and context (rapidlm's cache layout, 32 layers' "
+                    "caches);  counts: flops = B·H·q·L·(4·d + 5), bytes = B·(2·q·H·d·a + 2·L·Hkv·d·kv + 2·q·Hkv·d·kv)")
+        n = len(spec.layers)
+        lines.append(
+            f"fixed:     the measured decode step of a width-64 model with {n} layers of {fmt} (engine, greedy) "
+            f"minus its {4 * n + 1} linear and {n} attention calls, shared over the "
+            f"{sum(_nonlinear_ops(k, n) for k in STEP_KEYS)} other ops by op kind; other ops add their roofline"
+        )
+    elif hw.device == "cpu":
         per_layer = sum(CPU_LAYER_OPS.values())
         per_step = sum(CPU_STEP_OPS.values())
         lines.append(

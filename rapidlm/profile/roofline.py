@@ -17,6 +17,7 @@ op moves more than a few KiB, divided by its op count). rapidlm.profile.estimate
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Weight formats a decode linear can have (rapidlm.profile.costs.linear_weight_format maps modules to these).
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4", "w8a8")
 DEVICES = ("cpu", "cuda")
-CACHE_VERSION = 1  # bump when what is measured changes, so old cache files are re-measured
+CACHE_VERSION = 4  # bump when what is measured changes, so old cache files are re-measured
 
 # Framework ops of rapidlm's eager forward (models/llama.py, models/layers.py, runtime/attention.py,
 # runtime/kv_cache.py) at one decode step, as the PyTorch profiler counts top-level ops (views included: each is a
@@ -73,6 +74,10 @@ class Ceilings:
     weight_stream_gbs: dict[str, float] = field(default_factory=dict)  # decode kernel's weight bytes/s (bandwidth)
     linear_overhead_us: dict[str, float] = field(default_factory=dict)  # one linear call's fixed cost (op_overhead)
     layer_op_overhead_us: dict[str, float] = field(default_factory=dict)  # fixed cost per op in a layer (op_overhead)
+    # Measured on cpu-here when an estimate first needs them, then cached (keys: linear_key, step_key):
+    linear_us: dict[str, float] = field(default_factory=dict)  # one decode linear of a format and shape, cold weights
+    step_fixed_us: dict[str, float] = field(default_factory=dict)  # a width-64 decode step with L layers, batch B
+    attention_us: dict[str, float] = field(default_factory=dict)  # one layer's decode attention (SDPA) at a shape
     memory_gib: float | None = None  # device memory (GPUs) or RAM, for "does it fit"
     link_gbs: float | None = None  # GPU-to-GPU bandwidth per direction (tensor parallelism), GB/s
     collective_latency_us: float = 0.0  # fixed cost of one all-reduce / all-gather between the GPUs
@@ -97,6 +102,9 @@ class Ceilings:
                 if key not in keys:
                     raise ValueError(f"Ceilings.{table} has unknown key {key!r} (valid: {', '.join(keys)})")
                 _check_positive(f"Ceilings.{table}[{key!r}]", value, allow_zero=table != "flops_gflops")
+        for table in ("linear_us", "step_fixed_us", "attention_us"):
+            for key, value in getattr(self, table).items():
+                _check_positive(f"Ceilings.{table}[{key!r}]", value, allow_zero=True)
         if not isinstance(self.source, str) or not self.source:
             raise ValueError("Ceilings.source must say where the numbers come from (measured or datasheet)")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
@@ -234,17 +242,46 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _best(fn: Callable[[], object], inner: int, repeats: int) -> float:
-    """Seconds per call: the best of `repeats` timings of `inner` calls (the best, because interference from
-    other processes only ever slows a run down; a ceiling is what the machine can do)."""
+QUIET_CORES = 0.25  # a timing pass counts as quiet when other processes used less CPU than this meanwhile
+QUIET_WAIT_S = 20.0  # how long a measurement retries disturbed passes before it takes them as they are
+
+
+def _other_cpu_s() -> float:
+    """CPU seconds every other process has used (busy time in /proc/stat minus this process's)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    t = os.times()
+    return busy - t.user - t.system
+
+
+def _timed(fn: Callable[[], object], inner: int, passes: int, stat: str = "min", max_seconds: float | None = None
+           ) -> float:
+    """Seconds per call of fn: `passes` timings of `inner` calls each, taken while other processes were nearly
+    idle (a pass during which they used more than QUIET_CORES is retried, up to max_seconds; then the disturbed
+    ones count too). stat "min": the best pass (a ceiling: interference only slows a run down); "median": the
+    typical one (a cost that predictions are compared with medians of real runs against)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    quiet: list[float] = []
+    noisy: list[float] = []
+    deadline = time.perf_counter() + (QUIET_WAIT_S if max_seconds is None else max_seconds)
+    while len(quiet) < passes and (time.perf_counter() < deadline or len(quiet) + len(noisy) < passes):
+        other0, t0 = _other_cpu_s(), time.perf_counter()
         for _ in range(inner):
             fn()
-        times.append((time.perf_counter() - t) / inner)
-    return min(times)
+        wall = time.perf_counter() - t0
+        # /proc/stat counts in 10 ms ticks: allow two of them on short passes
+        (quiet if _other_cpu_s() - other0 <= QUIET_CORES * wall + 0.02 else noisy).append(wall / inner)
+    pool = quiet if len(quiet) >= max(1, passes // 2) else quiet + noisy
+    return min(pool) if stat == "min" else statistics.median(pool)
+
+
+def _best(fn: Callable[[], object], inner: int, repeats: int) -> float:
+    """Seconds per call: the best of `repeats` quiet timings of `inner` calls."""
+    return _timed(fn, inner, repeats, "min")
 
 
 def _median_of_best(fn: Callable[[], object], inner: int, repeats: int, rounds: int = 3) -> float:
@@ -358,11 +395,11 @@ def tiny_layer_runner(fmt: str, num_layers: int = 1):  # noqa: ANN201
     _, act = _make_linear(fmt, 64, 64)
     model.to(act)
     if fmt not in ("float32", "bfloat16", "float16"):
-        for layer in model.layers:
-            for parent in (layer.attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear:
-                        setattr(parent, name, _make_linear(fmt, child.out_features, child.in_features)[0])
+        parents = [p for layer in model.layers for p in (layer.attn, layer.mlp)] + [model]
+        for parent in parents:
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, _make_linear(fmt, child.out_features, child.in_features)[0])
     return ModelRunner(model, cfg, torch.device("cpu"), act)  # packs bf16 linears, as LLM does
 
 
@@ -381,6 +418,169 @@ def measure_layer_op_overhead(fmt: str, rounds: int = 5) -> float:
         for layers, (runner, cache) in runs.items():
             best[layers] = min(best[layers], _best(lambda r=runner, c=cache: r.decode(c, token, pos, 5), 10, 3))
     return max(best[9] - best[1], 0.0) / 8 / CPU_OPS_PER_LAYER * 1e6
+
+
+def linear_key(fmt: str, n: int, k: int, m: int) -> str:
+    return f"{fmt}:{n}x{k}:m{m}"
+
+
+def step_key(fmt: str, layers: int, batch: int) -> str:
+    return f"{fmt}:L{layers}:B{batch}"
+
+
+def attention_key(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int, dtype: str) -> str:
+    return f"B{batch}:H{heads}/{kv_heads}x{head_dim}:L{kv_len}:{dtype}"
+
+
+def _sdpa_inputs(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int, dtype: torch.dtype,
+                 max_len: int):  # noqa: ANN202
+    """What rapidlm's dense cache hands SDPA at a decode step: q a transposed view (B, H, 1, d), keys and values
+    the first kv_len slots of (B, Hkv, max_len, d) cache views, a (B, 1, 1, L) bool mask when B > 1."""
+    q = torch.randn(batch, 1, heads, head_dim, dtype=dtype).transpose(1, 2)
+    cache = torch.randn(2, batch, kv_heads, max_len, head_dim, dtype=dtype)
+    mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool) if batch > 1 else None
+    return q, cache[0, :, :, :kv_len], cache[1, :, :, :kv_len], mask
+
+
+def _sdpa(q, k, v, mask):  # noqa: ANN001, ANN202
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def measure_attention_us(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int,
+                         dtype: str = "float32", layers: int = 32) -> float:
+    """Microseconds of one layer's decode attention as rapidlm runs it (SDPA over the cache's first kv_len
+    slots), calls rotating over `layers` layers' caches as a step does. Median of 7 quiet passes."""
+    tdt = getattr(torch, dtype)
+    inputs = [_sdpa_inputs(batch, heads, kv_heads, head_dim, kv_len, tdt, kv_len + 64) for _ in range(layers)]
+    i = [0]
+
+    def call() -> None:
+        i[0] = (i[0] + 1) % len(inputs)
+        _sdpa(*inputs[i[0]])
+
+    with torch.inference_mode():
+        return _timed(call, len(inputs), 7, "median") * 1e6
+
+
+def measure_linear_us(fmt: str, n: int, k: int, m: int = 1, total_mib: int = 128) -> float:
+    """Microseconds of one call of rapidlm's linear of format `fmt`, n x k, on m rows, the weights cold: calls
+    rotate over copies holding `total_mib` MiB together (4x this machine's L3, as a model's weights exceed it).
+    Median of 7 quiet passes: the kernel's typical cost at that shape, call overhead included."""
+    import copy
+
+    from rapidlm.profile.costs import LinearSpec
+
+    probe, act = _make_linear(fmt, n, k)
+    per_matrix = LinearSpec.of(probe).weight_bytes
+    mods = [probe]
+    for _ in range(max(2, int(total_mib * 2**20 // per_matrix)) - 1):
+        try:
+            mods.append(copy.deepcopy(probe))  # a memcpy: faster than packing again
+        except (NotImplementedError, RuntimeError):  # oneDNN's packed weight is opaque: pack another one
+            mods.append(_make_linear(fmt, n, k)[0])
+    x = torch.randn(m, k).to(act)
+    i = [0]
+
+    def call() -> None:
+        i[0] = (i[0] + 1) % len(mods)
+        mods[i[0]](x)
+
+    with torch.inference_mode():
+        return _timed(call, len(mods), 7, "median") * 1e6
+
+
+def measure_step_fixed_us(fmt: str, layers: int, batch: int = 1, steps: int = 32) -> float:
+    """Microseconds per decode step of rapidlm's engine over a width-64 model with `layers` layers whose linears
+    have format `fmt`, `batch` sequences, less the time of its 4 x layers + 1 (tiny) linear calls, timed on the
+    model's own modules right after: every tensor is a few KiB, so what is left is the fixed cost of a step
+    (Python, dispatch, threads, the small ops, greedy sampling, detokenizing) for that many layers. Median of 5
+    quiet runs of `steps` steps."""
+    from rapidlm.engine.engine import Engine
+    from rapidlm.engine.sampling import SamplingParams
+
+    runner = tiny_layer_runner(fmt, layers)
+    tokenizer = _default_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    prompts = [[1 + (i + j) % 60 for j in range(8)] for i in range(batch)]
+
+    def run() -> float:  # seconds per decode step
+        if tokenizer is None:  # no tokenizer: the runner's decode and an argmax per step
+            cache = runner.allocate(batch, 8 + steps + 1)
+            for row, p in enumerate(prompts):
+                runner.prefill(cache, row, p)
+            tok, pos = torch.ones(batch, dtype=torch.long), torch.full((batch,), 8)
+            t = time.perf_counter()
+            for i in range(steps):
+                tok = runner.decode(cache, tok, pos + i, 9 + i).argmax(-1)
+            return (time.perf_counter() - t) / steps
+        engine = Engine(runner, tokenizer)
+        seqs = engine.make_sequences(prompts, [params] * batch)
+        for _ in engine.run(seqs):
+            pass
+        return engine.output(seqs[0]).metrics.decode_time_s / steps
+
+    with torch.inference_mode():
+        run()  # warm-up
+        quiet, noisy = [], []
+        deadline = time.perf_counter() + QUIET_WAIT_S
+        while len(quiet) < 5 and (time.perf_counter() < deadline or len(quiet) + len(noisy) < 5):
+            other0, t0 = _other_cpu_s(), time.perf_counter()
+            per_step = run()
+            wall = time.perf_counter() - t0
+            (quiet if _other_cpu_s() - other0 <= QUIET_CORES * wall + 0.02 else noisy).append(per_step)
+        step = statistics.median(quiet if len(quiet) >= 3 else quiet + noisy)
+        linears = [m for m in runner.model.modules() if hasattr(m, "in_features")]
+        x = torch.randn(batch, 1, 64).to(runner.dtype)
+        per_linear = _timed(lambda: [m(x) for m in linears], 20, 5, "median") / len(linears)
+        cfg = runner.cfg  # its attention: a mid-run context, the cache dtype
+        sdpa = _sdpa_inputs(batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 8 + steps // 2, runner.kv_dtype,
+                            8 + steps + 1)
+        per_sdpa = _timed(lambda: _sdpa(*sdpa), 50, 5, "median")
+    return max(step - len(linears) * per_linear - layers * per_sdpa, 0.0) * 1e6
+
+
+@functools.cache
+def _default_tokenizer():  # noqa: ANN202
+    """The default model's tokenizer (its GGUF metadata takes seconds to parse: once per process)."""
+    try:
+        from rapidlm.loading.loader import load_tokenizer
+
+        return load_tokenizer()
+    except Exception:  # noqa: BLE001 - no default model installed: measure without detokenizing
+        return None
+
+
+def complete_ceilings(
+    ceilings: Ceilings,
+    linears: list[tuple[str, int, int, int]] = (),
+    steps: list[tuple[str, int, int]] = (),
+    attentions: list[tuple[int, int, int, int, int, str]] = (),
+    cache_dir: Path | None = None,
+) -> Ceilings:
+    """Measure the per-shape linear times (fmt, n, k, m), fixed step costs (fmt, layers, batch) and attention
+    times (batch, heads, kv_heads, head_dim, kv_len, dtype) an estimate needs that `ceilings` (cpu-here) lacks,
+    add them and rewrite the cache. Each takes about a second, once."""
+    added = False
+    for shape in attentions:
+        key = attention_key(*shape)
+        if key not in ceilings.attention_us:
+            ceilings.attention_us[key] = measure_attention_us(*shape)
+            added = True
+    for fmt, n, k, m in linears:
+        key = linear_key(fmt, n, k, m)
+        if key not in ceilings.linear_us:
+            ceilings.linear_us[key] = measure_linear_us(fmt, n, k, m)
+            added = True
+    for fmt, layers, batch in steps:
+        key = step_key(fmt, layers, batch)
+        if key not in ceilings.step_fixed_us:
+            ceilings.step_fixed_us[key] = measure_step_fixed_us(fmt, layers, batch)
+            added = True
+    if added and ceilings.name == CPU_HERE:
+        _write_cache(ceilings, cache_path(cache_dir, ceilings.threads))
+    return ceilings
 
 
 def measure_ceilings(threads: int | None = None, formats: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4",
@@ -424,11 +624,18 @@ def measure_ceilings(threads: int | None = None, formats: tuple[str, ...] = ("fl
         details={
             "bandwidth_gbs": "copy_ of 256 MiB fp32 (bytes read + written), best of 7",
             "flops_gflops": "2048^3 matmul (int8: torch._int_mm), best of 5",
-            "weight_stream_gbs": "rapidlm's linear of that format, 1 token x 2048x2048, copies over 192 MiB, "
+            "weight_stream_gbs": "rapidlm's linear of that format, 1 token x 2048x2048, copies over 128 MiB, "
             "(weight + scale bytes) / (time - fixed call cost)",
             "linear_overhead_us": "the same linear at 64x64, 1 token",
-            "layer_op_overhead_us": f"width-64 decode step, (5 layers - 1 layer) / 4 / {CPU_OPS_PER_LAYER} ops",
+            "layer_op_overhead_us": f"width-64 decode step, (9 layers - 1 layer) / 8 / {CPU_OPS_PER_LAYER} ops",
             "op_overhead_us": "layer_op_overhead_us of float32",
+            "linear_us": "added when an estimate needs them: rapidlm's linear of format:NxK on m rows, copies over "
+            "128 MiB (weights cold), best of 5",
+            "step_fixed_us": "added when an estimate needs them: rapidlm's engine decoding a width-64 model of that "
+            "format with L layers and B sequences, greedy, less its linear and attention calls; median of 5 runs of "
+            "32 steps",
+            "attention_us": "added when an estimate needs them: SDPA as rapidlm's dense cache calls it at one decode "
+            "step (B, H/Hkv x d, context L, dtype), rotating over 32 layers' caches; median of 7 passes",
         },
     )
 
@@ -468,8 +675,12 @@ def load_ceilings(remeasure: bool = False, cache_dir: Path | None = None, thread
         except (ValueError, TypeError, json.JSONDecodeError):
             pass  # an unreadable or outdated cache is measured again
     ceilings = measure_ceilings()
+    _write_cache(ceilings, path)
+    return ceilings
+
+
+def _write_cache(ceilings: Ceilings, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"cache_version": CACHE_VERSION, **ceilings.to_json()}, indent=1))
     tmp.replace(path)
-    return ceilings

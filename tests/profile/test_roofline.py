@@ -135,13 +135,18 @@ def test_op_counts_match_the_eager_decode_step(fmt):
     assert sum(one.values()) - per_layer + 1 == sum(CPU_STEP_OPS.values())  # + 1: the engine's argmax
 
 
-def test_measurements_run_and_are_positive():
+def test_measurements_run_and_are_positive(monkeypatch):
+    monkeypatch.setattr(roofline, "QUIET_WAIT_S", 0.0)  # take disturbed timings as they are: only the plumbing counts
+    monkeypatch.setattr(roofline, "_default_tokenizer", lambda: None)  # parsing the GGUF's vocabulary takes seconds
     assert roofline.measure_bandwidth(mib=16, repeats=2) > 0
     assert roofline.measure_gemm(torch.float32, n=128, repeats=2) > 0
     assert roofline.measure_gemm(torch.int8, n=128, repeats=2) > 0
     assert roofline.measure_linear_overhead("float32") > 0
     assert roofline.measure_weight_stream("int8", n=256, k=256, total_mib=4) > 0
     assert roofline.measure_layer_op_overhead("float32", rounds=1) >= 0
+    assert roofline.measure_linear_us("int4", 64, 64, 2, total_mib=1) > 0
+    assert roofline.measure_attention_us(2, 4, 2, 16, 24, layers=2) > 0
+    assert roofline.measure_step_fixed_us("float32", 2, batch=2, steps=4) >= 0
     with pytest.raises(ValueError, match="unknown weight format"):
         roofline.measure_linear_overhead("int3")
 
