@@ -526,7 +526,7 @@ def _step_parts(spec: ModelSpec, batch: int, q_len: int, kv_len: int, act: str, 
                                      attn_dtype))
         parts["attention"].append(_Part(attention_cost(batch, q_len, kv_len, h, hkv, layer.head_dim, kb,
                                                        DTYPE_BYTES[attn_dtype]), None, attn_dtype,
-                                        (batch, h, hkv, layer.head_dim, kv_len, attn_dtype)))
+                                        (batch, h, hkv, layer.head_dim, kv_len, attn_dtype, q_len)))
         parts["o_proj"].append(lin(layer.wo, tokens))
         parts["o_proj"].append(_Part(elementwise_cost(tokens * spec.hidden, 1, 2, ab), None, act))
         parts["mlp"].append(lin(layer.w_gate_up, tokens))
@@ -559,22 +559,24 @@ def _nonlinear_ops(kind: str, layers: int) -> int:
         _STEP_LINEARS.get(kind, 0)
 
 
-def _measured_linears(spec: ModelSpec, m: int) -> list[tuple[str, int, int, int]]:
+def _measured_linears(spec: ModelSpec, batch: int, q_len: int = 1) -> list[tuple[str, int, int, int]]:
+    """(fmt, n, k, m) of every distinct linear of a step: the layers' on batch x q_len rows, the head's on batch
+    (it runs on the last position of each sequence)."""
+    m = batch * q_len
     shapes = {(s.fmt, s.out_features, s.in_features, m) for la in spec.layers for s in la.linears}
-    return sorted(shapes | {(spec.head.fmt, spec.head.out_features, spec.head.in_features, m)})
+    return sorted(shapes | {(spec.head.fmt, spec.head.out_features, spec.head.in_features, batch)})
 
 
-def _measured_attentions(spec: ModelSpec, batch: int, kv_len: int) -> list[tuple[int, int, int, int, int, str]]:
-    return sorted({(batch, la.n_heads, la.n_kv_heads, la.head_dim, kv_len, "float32") for la in spec.layers})
+def _measured_attentions(spec: ModelSpec, batch: int, kv_len: int, q_len: int = 1) -> list[tuple]:
+    return sorted({(batch, la.n_heads, la.n_kv_heads, la.head_dim, kv_len, "float32", q_len) for la in spec.layers})
 
 
-def _measured(hw: Ceilings, spec: ModelSpec, batch: int, kv_len: int) -> bool:
-    """cpu-here with the per-shape linear and attention times and the fixed step cost this decode step needs."""
-    keys = [linear_key(*shape) for shape in _measured_linears(spec, batch)]
+def _measured(hw: Ceilings, spec: ModelSpec, batch: int, q_len: int, kv_len: int) -> bool:
+    """cpu-here with the per-shape linear and attention times and the fixed step cost this step needs."""
     return (
         hw.device == "cpu"
-        and all(k in hw.linear_us for k in keys)
-        and all(attention_key(*a) in hw.attention_us for a in _measured_attentions(spec, batch, kv_len))
+        and all(linear_key(*shape) in hw.linear_us for shape in _measured_linears(spec, batch, q_len))
+        and all(attention_key(*a) in hw.attention_us for a in _measured_attentions(spec, batch, kv_len, q_len))
         and step_key(_layer_format(spec), len(spec.layers), batch) in hw.step_fixed_us
     )
 
@@ -590,7 +592,7 @@ def _phase(name: str, spec: ModelSpec, hw: Ceilings, batch: int, q_len: int, kv_
     parts = _step_parts(spec, batch, q_len, kv_len, act, kv, attn_dtype, tp)
     n_layers = len(spec.layers)
     fmt = _layer_format(spec)
-    measured = name == "decode" and q_len == 1 and kv != "int8" and _measured(hw, spec, batch, kv_len)
+    measured = tp == 1 and kv != "int8" and _measured(hw, spec, batch, q_len, kv_len)
     per_op_s = 0.0
     if measured:
         tiny = hw.step_fixed_us[step_key(fmt, n_layers, batch)]  # its linear calls already taken out
@@ -610,7 +612,8 @@ def _phase(name: str, spec: ModelSpec, hw: Ceilings, batch: int, q_len: int, kv_
             compute_s, memory_s = compute_s + c, memory_s + m
             if measured and p.linear is not None:
                 s = p.linear
-                kernel_s += hw.linear_us[linear_key(s.fmt, s.out_features, s.in_features, batch)] * 1e-6
+                m_rows = batch if s is spec.head else batch * q_len
+                kernel_s += hw.linear_us[linear_key(s.fmt, s.out_features, s.in_features, m_rows)] * 1e-6
             elif measured and kind == "attention":
                 kernel_s += hw.attention_us[attention_key(*p.attention)] * 1e-6
             else:
@@ -734,8 +737,15 @@ def estimate(
     if hardware == CPU_HERE and measure:
         # cpu-here: time each distinct linear shape of this model at this batch and the fixed cost of a step
         # with this many layers, once (cached with the ceilings)
-        complete_ceilings(hw, _measured_linears(spec, batch), [(_layer_format(spec), len(spec.layers), batch)],
-                          _measured_attentions(spec, batch, mean_ctx) if kv != "int8" else [])
+        # (the prefill of one sequence too: its linears on prompt_len rows, its attention over the prompt)
+        fmt, n_layers = _layer_format(spec), len(spec.layers)
+        complete_ceilings(
+            hw,
+            _measured_linears(spec, batch) + _measured_linears(spec, 1, prompt_len),
+            [(fmt, n_layers, batch), (fmt, n_layers, 1)],
+            [] if kv == "int8" else _measured_attentions(spec, batch, mean_ctx)
+            + _measured_attentions(spec, 1, prompt_len, prompt_len),
+        )
     prefill = _phase("prefill", spec, hw, 1, prompt_len, prompt_len, act, kv, tensor_parallel)
     decode = _phase("decode", spec, hw, batch, 1, mean_ctx, act, kv, tensor_parallel)
     if any(s.fmt == "int4" for la in spec.layers for s in la.linears) and hw.device == "cuda":

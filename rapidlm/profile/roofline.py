@@ -37,7 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Weight formats a decode linear can have (rapidlm.profile.costs.linear_weight_format maps modules to these).
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4", "w8a8")
 DEVICES = ("cpu", "cuda")
-CACHE_VERSION = 4  # bump when what is measured changes, so old cache files are re-measured
+CACHE_VERSION = 5  # bump when what is measured changes, so old cache files are re-measured
 
 # Framework ops of rapidlm's eager forward (models/llama.py, models/layers.py, runtime/attention.py,
 # runtime/kv_cache.py) at one decode step, as the PyTorch profiler counts top-level ops (views included: each is a
@@ -428,17 +428,22 @@ def step_key(fmt: str, layers: int, batch: int) -> str:
     return f"{fmt}:L{layers}:B{batch}"
 
 
-def attention_key(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int, dtype: str) -> str:
-    return f"B{batch}:H{heads}/{kv_heads}x{head_dim}:L{kv_len}:{dtype}"
+def attention_key(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int, dtype: str,
+                  q_len: int = 1) -> str:
+    return f"B{batch}:q{q_len}:H{heads}/{kv_heads}x{head_dim}:L{kv_len}:{dtype}"
 
 
 def _sdpa_inputs(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int, dtype: torch.dtype,
-                 max_len: int):  # noqa: ANN202
-    """What rapidlm's dense cache hands SDPA at a decode step: q a transposed view (B, H, 1, d), keys and values
-    the first kv_len slots of (B, Hkv, max_len, d) cache views, a (B, 1, 1, L) bool mask when B > 1."""
-    q = torch.randn(batch, 1, heads, head_dim, dtype=dtype).transpose(1, 2)
+                 max_len: int, q_len: int = 1):  # noqa: ANN202
+    """What rapidlm's dense cache hands SDPA: q a transposed view (B, H, q_len, d), keys and values the first
+    kv_len slots of (B, Hkv, max_len, d) cache views, a (B, 1, q_len, L) causal bool mask unless one sequence
+    decodes one token (the model skips the mask then)."""
+    q = torch.randn(batch, q_len, heads, head_dim, dtype=dtype).transpose(1, 2)
     cache = torch.randn(2, batch, kv_heads, max_len, head_dim, dtype=dtype)
-    mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool) if batch > 1 else None
+    mask = None
+    if batch > 1 or q_len > 1:
+        pos = torch.arange(kv_len - q_len, kv_len)
+        mask = (torch.arange(kv_len)[None, :] <= pos[:, None]).expand(batch, 1, q_len, kv_len)
     return q, cache[0, :, :, :kv_len], cache[1, :, :, :kv_len], mask
 
 
@@ -449,11 +454,11 @@ def _sdpa(q, k, v, mask):  # noqa: ANN001, ANN202
 
 
 def measure_attention_us(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int,
-                         dtype: str = "float32", layers: int = 32) -> float:
-    """Microseconds of one layer's decode attention as rapidlm runs it (SDPA over the cache's first kv_len
-    slots), calls rotating over `layers` layers' caches as a step does. Median of 7 quiet passes."""
+                         dtype: str = "float32", q_len: int = 1, layers: int = 32) -> float:
+    """Microseconds of one layer's attention as rapidlm runs it (SDPA of q_len new tokens over the cache's
+    first kv_len slots), calls rotating over `layers` layers' caches as a step does. Median of 7 quiet passes."""
     tdt = getattr(torch, dtype)
-    inputs = [_sdpa_inputs(batch, heads, kv_heads, head_dim, kv_len, tdt, kv_len + 64) for _ in range(layers)]
+    inputs = [_sdpa_inputs(batch, heads, kv_heads, head_dim, kv_len, tdt, kv_len + 64, q_len) for _ in range(layers)]
     i = [0]
 
     def call() -> None:
@@ -467,13 +472,16 @@ def measure_attention_us(batch: int, heads: int, kv_heads: int, head_dim: int, k
 def measure_linear_us(fmt: str, n: int, k: int, m: int = 1, total_mib: int = 128) -> float:
     """Microseconds of one call of rapidlm's linear of format `fmt`, n x k, on m rows, the weights cold: calls
     rotate over copies holding `total_mib` MiB together (4x this machine's L3, as a model's weights exceed it).
-    Median of 7 quiet passes: the kernel's typical cost at that shape, call overhead included."""
+    Median of 7 quiet passes (3 over 32 MiB for m > 16, where the matmul is compute-bound): the kernel's
+    typical cost at that shape, call overhead included."""
     import copy
 
     from rapidlm.profile.costs import LinearSpec
 
     probe, act = _make_linear(fmt, n, k)
     per_matrix = LinearSpec.of(probe).weight_bytes
+    passes = 7 if m <= 16 else 3
+    total_mib = total_mib if m <= 16 else min(total_mib, 32)
     mods = [probe]
     for _ in range(max(2, int(total_mib * 2**20 // per_matrix)) - 1):
         try:
@@ -488,7 +496,7 @@ def measure_linear_us(fmt: str, n: int, k: int, m: int = 1, total_mib: int = 128
         mods[i[0]](x)
 
     with torch.inference_mode():
-        return _timed(call, len(mods), 7, "median") * 1e6
+        return _timed(call, len(mods), passes, "median") * 1e6
 
 
 def measure_step_fixed_us(fmt: str, layers: int, batch: int = 1, steps: int = 32) -> float:
@@ -556,11 +564,11 @@ def complete_ceilings(
     ceilings: Ceilings,
     linears: list[tuple[str, int, int, int]] = (),
     steps: list[tuple[str, int, int]] = (),
-    attentions: list[tuple[int, int, int, int, int, str]] = (),
+    attentions: list[tuple[int, int, int, int, int, str, int]] = (),
     cache_dir: Path | None = None,
 ) -> Ceilings:
     """Measure the per-shape linear times (fmt, n, k, m), fixed step costs (fmt, layers, batch) and attention
-    times (batch, heads, kv_heads, head_dim, kv_len, dtype) an estimate needs that `ceilings` (cpu-here) lacks,
+    times (batch, heads, kv_heads, head_dim, kv_len, dtype, q_len) an estimate needs that `ceilings` (cpu-here) lacks,
     add them and rewrite the cache. Each takes about a second, once."""
     added = False
     for shape in attentions:

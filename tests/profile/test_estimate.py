@@ -197,3 +197,27 @@ def test_cli_estimate_prints_the_prediction_and_formulas(tmp_path, capsys):
     assert "valid: cpu-here, h100" in capsys.readouterr().err
     assert main(["estimate", "--hardware", "h100", "--config", str(path), "--batch", "0"], out=io.StringIO()) == 2
     assert "EstimateConfig.batch" in capsys.readouterr().err
+
+
+def test_cpu_here_tables_replace_the_roofline_where_measured():
+    """With per-shape linear and attention times and the fixed step cost measured (as cpu-here records them), a
+    decode step = those times + the roofline of the remaining small ops; nothing else."""
+    from dataclasses import replace
+
+    from rapidlm.profile.estimate import _measured_attentions, _measured_linears
+    from rapidlm.profile.roofline import attention_key, linear_key, step_key
+
+    spec = spec_from_config(TINY, "float32")
+    linears = {linear_key(*s): 100.0 + i for i, s in enumerate(_measured_linears(spec, 2))}
+    attention = {attention_key(*a): 50.0 for a in _measured_attentions(spec, 2, 8)}
+    hw = replace(CPU, linear_us=linears, attention_us=attention, step_fixed_us={step_key("float32", 3, 2): 1000.0})
+    e = estimate(TINY, hw, "float32", batch=2, prompt_len=4, gen_len=8)
+    assert e.decode.measured_linears and e.decode.kv_len == 8 and not e.prefill.measured_linears
+    per_layer = sum(linears[linear_key("float32", s.out_features, s.in_features, 2)] for s in spec.layers[0].linears)
+    head = linears[linear_key("float32", 100, 32, 2)]
+    kernels = 3 * per_layer + head + 3 * 50.0  # us
+    small = sum(r.roofline_s for r in e.decode.rows) * 1e6 - kernels  # the other ops' roofline: tiny here
+    assert 0 <= small < 5
+    assert sum(r.fixed_s for r in e.decode.rows) == pytest.approx(1000.0e-6)
+    assert e.decode_step_s == pytest.approx((kernels + small + 1000.0) * 1e-6)
+    assert any("measured time at its shape" in f for f in e.formulas)
