@@ -56,6 +56,13 @@ def load_with_recipe(
     loaded = load_model(model, torch.float32, device, max_seq_len, native=False)
     samples = None
     if recipe.needs_calibration:
+        context = loaded.model.max_seq_len
+        if recipe.calibration.seq_len > context:
+            # the rotary tables and the cache stop at the model's context: a longer window cannot run
+            raise ConfigError(
+                f"Calibration.seq_len={recipe.calibration.seq_len} is longer than the model's context of "
+                f"{context} tokens (max_seq_len): lower calibration.seq_len in the recipe or raise max_seq_len"
+            )
         samples = calibration_samples(loaded.tokenizer, recipe.calibration)
     pruning = []
     for p in prunes:

@@ -171,3 +171,12 @@ def test_recipes_with_pruning_are_validated():
         SemiStructured(4, 4)
     with pytest.raises(ConfigError, match="removes nothing"):
         Structured()
+
+
+def test_calibration_longer_than_the_context_is_a_clear_error(tiny_folder):
+    from rapidlm.compress.apply import load_with_recipe
+
+    long_cal = Calibration(data=WIKITEXT, samples=1, seq_len=4096)
+    recipe = Recipe((Structured(layers=1),), long_cal, "t")
+    with pytest.raises(ConfigError, match=r"Calibration.seq_len=4096 .*context"):
+        load_with_recipe(tiny_folder, recipe, torch.float32, torch.device("cpu"))
