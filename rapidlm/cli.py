@@ -34,6 +34,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step at start-up (slow start)")
     g.add_argument(
+        "--dense-prefill",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 copy of 4-/8-bit weights for prompt chunks (2 bytes/weight; auto: when <= 1 GiB)",
+    )
+    g.add_argument(
         "--quant",
         default=None,
         help="quantization: a recipe file or a shorthand (native, int8, int4-g32, int4-g128, int4-g128-gptq, "
@@ -78,6 +84,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
         compile=args.compile,
         quantization=args.quant,
         show_progress=True,
+        dense_prefill=args.dense_prefill,
     )
 
 

@@ -35,6 +35,10 @@ class LLM:
     "w8a8", "kv-int8", joinable with '+'), a recipe file (YAML/JSON) or a rapidlm.compress Recipe/config.
     None runs the checkpoint as loaded (on this CPU: a GGUF's 4/8-bit blocks natively). A folder written by
     `rapidlm compress` carries its own recipe.
+
+    dense_prefill ("auto", "on", "off"): with bf16 activations on a CPU, keep a bf16 copy of the 4-/8-bit
+    projection weights (2 bytes a weight) for prompt chunks of 64+ tokens, where the bf16 GEMM is faster than
+    the quantized kernels; decode steps still read the quantized weights. "auto": on when the copy is <= 1 GiB.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class LLM:
         compile: bool = False,
         quantization: str | os.PathLike | Recipe | None = None,
         show_progress: bool = False,
+        dense_prefill: str = "auto",
     ) -> None:
         set_threads(threads)
         self.device = resolve_device(device)
@@ -66,7 +71,13 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         kv_int8 = recipe is not None and recipe.kv_int8
         self.runner = ModelRunner(
-            loaded.model, loaded.config, self.device, self.dtype, compile=compile, kv_int8=kv_int8
+            loaded.model,
+            loaded.config,
+            self.device,
+            self.dtype,
+            compile=compile,
+            kv_int8=kv_int8,
+            dense_prefill=dense_prefill,
         )
         self.engine = Engine(self.runner, self.tokenizer)
 

@@ -183,8 +183,22 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
 
     def _deliver_all(self, outputs: list[EngineOutput]) -> None:
-        for out in outputs:
-            self._deliver(out)
+        # One wake-up per event loop per step, not one per output: each call_soon_threadsafe writes to the loop's
+        # self-pipe and the loop's thread takes the GIL to handle it, which the stepping thread then waits for.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' loop is closed: nobody is listening any more
+                pass
 
     def _deliver(self, out: EngineOutput | None) -> None:
         if out is None:
@@ -198,3 +212,8 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
             except RuntimeError:  # the caller's loop is closed: nobody is listening any more
                 pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

@@ -234,6 +234,8 @@ class LinearSpec:
 
     @classmethod
     def of(cls, module: nn.Module) -> LinearSpec:
+        if type(module).__name__ == "DenseCopyLinear":  # decode steps run its quantized module
+            module = module.quantized
         bits, group, scale_bytes = linear_weight_format(module)
         has_bias = getattr(module, "bias", None) is not None
         fmt = weight_format_name(module)
@@ -336,7 +338,10 @@ class ModelSpec:
 
 
 def module_linear_cost(module: nn.Module, m: int, act_bytes: int) -> OpCost:
-    """linear_cost for `m` rows through a loaded linear module, its format read off the module."""
+    """linear_cost for `m` rows through a loaded linear module, its format read off the module (a
+    DenseCopyLinear: its bf16 copy from its row threshold on, else its quantized module)."""
+    if type(module).__name__ == "DenseCopyLinear":
+        module = module.dense if m * module.in_features >= module.min_elements else module.quantized
     return LinearSpec.of(module).cost(m, act_bytes)
 
 

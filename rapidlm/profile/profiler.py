@@ -686,8 +686,9 @@ def _count_params(model: nn.Module, tied: bool) -> int:
     """Weights as the model's shapes count them: packed int4/int8 linears keep codes in buffers, not parameters,
     so their in x out is counted instead of their storage."""
     total = model.embed.weight.numel()
+    copies = [name + "." for name, m in model.named_modules() if type(m).__name__ == "DenseCopyLinear"]
     for name, m in model.named_modules():
-        if name == "lm_head" and tied:
+        if name == "lm_head" and tied or name.startswith(tuple(copies)):  # a DenseCopyLinear counts once
             continue
         if hasattr(m, "in_features") and hasattr(m, "out_features"):
             total += m.in_features * m.out_features + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)

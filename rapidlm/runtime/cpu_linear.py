@@ -58,3 +58,87 @@ def pack_linears(model: nn.Module) -> int:
                 setattr(module, child_name, PackedLinear(child))
                 swapped += 1
     return swapped
+
+
+# Rows (tokens) from which a weight-only quantized linear runs its bf16 copy instead of its kernel. Measured on
+# SmolLM2-135M's projections (2 Zen4 threads, weights hot): the int4/int8 kernels win up to ~24 rows, the packed
+# bf16 GEMM from ~32; 64 leaves batched decode (whose weights are cold, where 4-bit bytes count) on the kernels.
+DENSE_MIN_ROWS = 64
+# The output head (a GGUF's tied Q8_0 embedding: 49152 x 576 int8 on SmolLM2) sees one row per sequence in a decode
+# step. Measured with its weight cold (as in a step): int8 kernel vs the bf16 copy at 8 rows 3.0 vs 3.3 ms, at 16
+# rows 6.0 vs 4.2 ms, at 32 rows 9.6 vs 6.7 ms. So batched decode steps of 12+ sequences run its copy.
+DENSE_HEAD_MIN_ROWS = 12
+
+
+def _dequantized_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (N, K) fp32 weight of a weight-only quantized CPU linear, or None for any other module."""
+    from rapidlm.compress.kernels.int4_cpu import Int4Linear
+    from rapidlm.compress.kernels.int8_cpu import Int8Linear
+
+    if type(module) is Int4Linear and module.act_dtype == torch.bfloat16 and module.layout != "torch":
+        return module.int4_weight().dequantize()
+    if type(module) is Int8Linear:
+        return module.int8_weight().dequantize()
+    return None
+
+
+class DenseCopyLinear(nn.Module):
+    """A weight-only quantized linear plus a bf16 copy of its dequantized weight, packed for oneDNN.
+
+    Prefill is compute-bound: there the 4-/8-bit kernels (or their dequantize-every-call path for long chunks)
+    reach 200-280 GFLOP/s on this machine where oneDNN's bf16 GEMM on a pre-packed weight reaches 300-370
+    (SmolLM2-135M, 2 Zen4 threads: a 150-token prefill forward 190 -> 150 ms). Decode is memory-bound, and the
+    quantized bytes win there. So inputs of at least `min_rows` rows run the copy, fewer the quantized module.
+    The copy costs 2 bytes per weight. Its numerics are those of the kernels' own long-chunk path: the weight
+    rounded to bf16 once, bf16 products summed in fp32.
+    """
+
+    def __init__(self, quantized: nn.Module, weight: torch.Tensor, min_rows: int = DENSE_MIN_ROWS) -> None:
+        super().__init__()
+        self.quantized = quantized
+        self.in_features, self.out_features = quantized.in_features, quantized.out_features
+        self.min_elements = min_rows * self.in_features
+        bias = getattr(quantized, "bias", None)
+        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+        dense.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+        if bias is not None:
+            dense.bias = nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+        self.dense = PackedLinear(dense)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.numel() >= self.min_elements:
+            return self.dense(x)
+        return self.quantized(x)
+
+    def extra_repr(self) -> str:
+        return f"bf16 copy from {self.min_elements // self.in_features} rows"
+
+
+def dense_copy_bytes(model: nn.Module) -> int:
+    """Bytes a bf16 copy of every weight-only quantized CPU linear in `model` takes (see add_dense_copies)."""
+    from rapidlm.compress.kernels.int4_cpu import Int4Linear
+    from rapidlm.compress.kernels.int8_cpu import Int8Linear
+
+    return sum(
+        2 * m.in_features * m.out_features
+        for m in model.modules()
+        if (type(m) is Int4Linear and m.act_dtype == torch.bfloat16 and m.layout != "torch") or type(m) is Int8Linear
+    )
+
+
+def add_dense_copies(
+    model: nn.Module, min_rows: int = DENSE_MIN_ROWS, head_min_rows: int = DENSE_HEAD_MIN_ROWS
+) -> int:
+    """Wrap every weight-only quantized CPU linear of `model` (bf16 activations) in a DenseCopyLinear that runs
+    its copy from `min_rows` rows (`head_min_rows` for the output head, `lm_head`); returns how many."""
+    if not mkldnn_bf16_available():
+        return 0
+    swapped = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            weight = _dequantized_weight(child)
+            if weight is not None:
+                rows = head_min_rows if child_name == "lm_head" else min_rows
+                setattr(module, child_name, DenseCopyLinear(child, weight, rows))
+                swapped += 1
+    return swapped

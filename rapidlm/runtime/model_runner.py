@@ -7,9 +7,12 @@ from torch import nn
 
 from rapidlm.config import ModelConfig
 from rapidlm.errors import ConfigError
-from rapidlm.runtime.cpu_linear import mkldnn_bf16_available, pack_linears
+from rapidlm.runtime.cpu_linear import add_dense_copies, dense_copy_bytes, mkldnn_bf16_available, pack_linears
 from rapidlm.runtime.kv_cache import StaticKVCache
 from rapidlm.runtime.paged_kv import PagedKVCache
+
+DENSE_PREFILL = ("auto", "on", "off")
+DENSE_PREFILL_AUTO_BYTES = 1 << 30
 
 
 class ModelRunner:
@@ -26,6 +29,7 @@ class ModelRunner:
         dtype: torch.dtype,
         compile: bool = False,
         kv_int8: bool = False,
+        dense_prefill: str = "off",
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -37,6 +41,14 @@ class ModelRunner:
         self.kv_int8 = kv_int8  # store K/V as int8 + per-(token, head) scales, read back in kv_dtype
         if device.type == "cpu" and dtype == torch.bfloat16 and mkldnn_bf16_available():
             pack_linears(model)
+        self.dense_copies = 0
+        if dense_prefill not in DENSE_PREFILL:
+            raise ConfigError(f"dense_prefill must be one of {sorted(DENSE_PREFILL)}, got {dense_prefill!r}")
+        if device.type == "cpu" and dtype == torch.bfloat16 and dense_prefill != "off":
+            # Prefill chunks run a bf16 copy of the 4-/8-bit projections (runtime/cpu_linear.DenseCopyLinear):
+            # compute-bound work at the bf16 GEMM's rate, for 2 bytes a weight. "auto": when that is <= 1 GiB.
+            if dense_prefill == "on" or dense_copy_bytes(model) <= DENSE_PREFILL_AUTO_BYTES:
+                self.dense_copies = add_dense_copies(model)
         # torch.compile fuses the ~40 small ops per layer between the matmuls into a few generated kernels and
         # drops Python's per-op cost: measured 19 -> 11 ms per decode step on SmolLM2-135M (2 CPU cores). It
         # only serves single-sequence decode steps (one graph; dynamic kv_len), and is compiled at start-up by

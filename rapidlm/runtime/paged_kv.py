@@ -77,13 +77,17 @@ class PagedLayerKV(CacheAttention):
         return keys, values  # (B, nkv, kv_len, hd); slots past a row's length are masked by the model
 
     def attend(self, q, k, v, write_at, mask, kv_len):  # noqa: ANN001, ANN201 - see CacheAttention.attend
-        if self.kernel is None or q.shape[1] != 1:
+        if self.kernel is None or self.seq_lens is None:
             return super().attend(q, k, v, write_at, mask, kv_len)
-        # Decode (one token per row): the kernel reads each row's blocks in place; no gather, no mask.
+        # The kernel reads each row's blocks in place: no gather, no mask. Decode: one query per row. Prefill: every
+        # query token is a row of its own (its sequence's table, length = its position + 1), so causality is the
+        # row length; all of this step's keys are written before any row reads.
         self._write(k, v)
-        hd = q.shape[-1]
-        out = self.kernel(q[:, 0], self.k_pool, self.v_pool, self.tables, self.seq_lens, hd**-0.5, self.window)
-        return out.unsqueeze(2)  # (B, nh, 1, hd)
+        B, T, nh, hd = q.shape
+        out = self.kernel(
+            q.reshape(B * T, nh, hd), self.k_pool, self.v_pool, self.tables, self.seq_lens, hd**-0.5, self.window
+        )  # (B*T, nh, hd)
+        return out.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
 
 
 class PagedKVCache:
@@ -111,6 +115,10 @@ class PagedKVCache:
         self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
         self.window = cfg.sliding_window or 0
         self.kernel = _decode_kernel(device, dtype, self.storage_dtype) if use_kernel else None
+        # Prefill through the decode kernel too (a row per query token): on the CPU it is ~5x faster than gathering
+        # the blocks and running SDPA with a mask at prompt-chunk sizes (e.g. 150 tokens: ~5 vs ~25 ms a forward
+        # on SmolLM2-135M). Not on CUDA, where the decode kernel's one-program-per-row grid is not meant for it.
+        self.kernel_prefill = device.type == "cpu"
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -134,7 +142,12 @@ class PagedKVCache:
         rows = torch.arange(B, device=self.device)[:, None]
         slots = (tables[rows, positions // bs] * bs + positions % bs).reshape(-1)  # (B*T,)
         lens = None
-        if self.kernel is not None and positions.shape[1] == 1:
+        T = positions.shape[1]
+        if self.kernel is not None and T == 1:
             lens = torch.tensor(seq_lens, dtype=torch.int32, device=self.device)
             tables = tables.to(torch.int32)
+        elif self.kernel is not None and self.kernel_prefill:
+            # one kernel row per query token: its sequence's table, and its own position + 1 as the length
+            lens = (positions + 1).reshape(-1).to(torch.int32)  # (B*T,)
+            tables = tables.to(torch.int32).repeat_interleave(T, dim=0)  # (B*T, nb)
         return [PagedLayerKV(k, v, slots, tables, lens, self.kernel, self.window, self.dtype) for k, v in self.data]

@@ -380,3 +380,38 @@ def test_paged_cache_bf16_storage(use_kernel):
     out = layer.attend(q[:, T:], k[:, T:], v[:, T:], (torch.zeros(1, 1), torch.tensor([[T]])), None, T + 1)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, want(T), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("storage", [torch.float32, BF16])
+def test_prefill_through_the_kernel_equals_gather_and_sdpa(window, storage):
+    """A prompt chunk (T > 1 tokens, after earlier ones) through PagedKVCache's kernel path, a kernel row per query
+    token, equals the gather + masked SDPA path of the same cache (fp32 attention; tolerance: summation order)."""
+    from dataclasses import replace
+
+    from rapidlm.runtime.paged_kv import PagedKVCache
+
+    cfg = replace(_tiny_cfg(), sliding_window=window)
+    torch.manual_seed(0)
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    tables = [[3, 7, 1], [5, 2, 6]]  # 2 rows, positions 10..20 (T = 11) after 10 cached each
+    start, T = 10, 11
+    outs = []
+    for use_kernel in (True, False):
+        cache = PagedKVCache(cfg, 8, 8, torch.float32, torch.device("cpu"), use_kernel, storage)
+        gen = torch.Generator().manual_seed(1)
+        cache.data.copy_(torch.randn(cache.data.shape, generator=gen).to(storage))
+        pos = torch.arange(start, start + T)[None].expand(2, T)
+        layer = cache.layers(tables, pos, [start + T] * 2)[0]
+        assert (layer.seq_lens is not None) == use_kernel
+        q = torch.randn(2, T, nh, hd, generator=gen)
+        k, v = torch.randn(2, T, nkv, hd, generator=gen), torch.randn(2, T, nkv, hd, generator=gen)
+        slots = torch.arange(start + T)
+        allowed = slots[None, None, :] <= pos[:, :, None]
+        if window is not None:
+            allowed &= slots[None, None, :] > pos[:, :, None] - window
+        b_idx = torch.arange(2)[:, None].expand(2, T)
+        outs.append(layer.attend(q, k, v, (b_idx, pos), allowed.unsqueeze(1), start + T))  # (B, nh, T, hd)
+    assert outs[0].shape == outs[1].shape == (2, nh, T, hd)
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
