@@ -328,24 +328,6 @@ float softmax_numerators(float* s, int64_t n) {
   return sum;
 }
 
-// Asks for every key and value row slice of piece w (its window, its kv heads) to be brought into L2, up to
-// kPrefetchBytes of them. The run loop issues this for the NEXT piece before computing the current one: a
-// decode step's K/V is cold (the layer's weights streamed through the caches since it was last read) and its
-// blocks are random in the pool, so one block of look-ahead left the kernel waiting on memory (SmolLM2-135M's
-// shapes, 16 sequences x 150 tokens, 30 layers cycled: 274 us a layer against 91 us with the pool in cache).
-constexpr int64_t kPrefetchBytes = 64 << 10;
-
-template <typename T>
-void prefetch_piece(const Work<T>& w, const Shapes& s) {
-  const int64_t len = w.kv_heads * s.hd;
-  const int64_t max_rows = std::max<int64_t>(1, kPrefetchBytes / (2 * len * static_cast<int64_t>(sizeof(T))));
-  const int64_t end = std::min(w.end, w.start + max_rows);
-  for_each_run(w.table, s.bs, w.start, end, [&](int64_t, int64_t row0, int64_t count, int64_t) {
-    prefetch_rows(w.kp + row0 * s.stride, count, s.stride, len);
-    prefetch_rows(w.vp + row0 * s.stride, count, s.stride, len);
-  });
-}
-
 // One task. Scratch: scores (kv_heads * G) * n, acc (kv_heads * G) * hd, sums kv_heads * G floats. Key and value
 // rows are visited block by block, every kv head of the task within a block before the next block, so a block's
 // rows (all kv heads side by side) are streamed from memory together and each row slice is used by all G query
@@ -427,24 +409,13 @@ void run(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64
     float* scores = scratch.data();
     float* acc = scores + max_heads * max_n;
     float* sums = acc + max_heads * hd;
-    auto piece = [&](int64_t i) {
+    for (int64_t i = i0; i < i1;) {
       const int64_t b = i / nkv, g0 = i % nkv, g1 = std::min(nkv, g0 + (i1 - i));
       const int64_t head0 = b * nh + g0 * s.G;  // first query head of the piece, as a row of q / out
-      return Work<T>{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
-                     po + head0 * hd};
-    };
-    Work<T> w = piece(i0);
-    prefetch_piece(w, s);
-    for (int64_t i = i0; i < i1;) {
-      const int64_t next = i + w.kv_heads;
-      Work<T> w_next{};
-      if (next < i1) {
-        w_next = piece(next);
-        prefetch_piece(w_next, s);  // in flight while this piece computes
-      }
+      const Work<T> w{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
+                      po + head0 * hd};
       attend(w, s, fns, tiles, scores, acc, sums);
-      i = next;
-      w = w_next;
+      i += g1 - g0;
     }
   });
 }
