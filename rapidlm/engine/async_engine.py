@@ -201,17 +201,8 @@ class AsyncEngine:
                 pass
 
     def _deliver(self, out: EngineOutput | None) -> None:
-        if out is None:
-            return
-        with self._lock:
-            stream = self._streams.get(out.request_id)
-            if stream is not None and out.finished:
-                del self._streams[out.request_id]
-        if stream is not None:
-            try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-                pass
+        if out is not None:
+            self._deliver_all([out])
 
 
 def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:

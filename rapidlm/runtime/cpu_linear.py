@@ -70,16 +70,22 @@ DENSE_MIN_ROWS = 64
 DENSE_HEAD_MIN_ROWS = 12
 
 
-def _dequantized_weight(module: nn.Module) -> torch.Tensor | None:
-    """The (N, K) fp32 weight of a weight-only quantized CPU linear, or None for any other module."""
+def _copyable(module: nn.Module) -> bool:
+    """A weight-only quantized CPU linear whose weight can be read back (PyTorch's int4pack layout cannot)."""
     from rapidlm.compress.kernels.int4_cpu import Int4Linear
     from rapidlm.compress.kernels.int8_cpu import Int8Linear
 
-    if type(module) is Int4Linear and module.act_dtype == torch.bfloat16 and module.layout != "torch":
-        return module.int4_weight().dequantize()
-    if type(module) is Int8Linear:
-        return module.int8_weight().dequantize()
-    return None
+    if type(module) is Int4Linear:
+        return module.act_dtype == torch.bfloat16 and module.layout != "torch"
+    return type(module) is Int8Linear
+
+
+def _dequantized_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (N, K) fp32 weight of a weight-only quantized CPU linear, or None for any other module."""
+    if not _copyable(module):
+        return None
+    weight = module.int4_weight() if hasattr(module, "int4_weight") else module.int8_weight()
+    return weight.dequantize()
 
 
 class DenseCopyLinear(nn.Module):
@@ -120,14 +126,7 @@ class DenseCopyLinear(nn.Module):
 
 def dense_copy_bytes(model: nn.Module) -> int:
     """Bytes a bf16 copy of every weight-only quantized CPU linear in `model` takes (see add_dense_copies)."""
-    from rapidlm.compress.kernels.int4_cpu import Int4Linear
-    from rapidlm.compress.kernels.int8_cpu import Int8Linear
-
-    return sum(
-        2 * m.in_features * m.out_features
-        for m in model.modules()
-        if (type(m) is Int4Linear and m.act_dtype == torch.bfloat16 and m.layout != "torch") or type(m) is Int8Linear
-    )
+    return sum(2 * m.in_features * m.out_features for m in model.modules() if _copyable(m))
 
 
 def add_dense_copies(
