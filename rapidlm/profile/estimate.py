@@ -285,14 +285,20 @@ def spec_from_config(cfg: ModelConfig, dtype: str, linear=None, head=None) -> Mo
         linear(cfg.intermediate_size, cfg.hidden_size),
     )
     head_spec = head(cfg.hidden_size, cfg.vocab_size) if head else plain_linear(cfg.hidden_size, cfg.vocab_size, dtype)
+    return _assemble_spec(cfg, (layer,) * cfg.num_layers, head_spec, dtype)
+
+
+def _assemble_spec(cfg: ModelConfig, layers: tuple[LayerSpec, ...], head: LinearSpec, dtype: str) -> ModelSpec:
+    """A ModelSpec with the embedding and norms in `dtype` (the head shares the embedding's bytes when tied and
+    plain)."""
     return ModelSpec(
         hidden=cfg.hidden_size,
         vocab=cfg.vocab_size,
-        layers=(layer,) * cfg.num_layers,
-        head=head_spec,
+        layers=layers,
+        head=head,
         embed_bytes_per_elem=float(DTYPE_BYTES[dtype]),
         norm_bytes_per_elem=float(DTYPE_BYTES[dtype]),
-        tied_shared=cfg.tie_word_embeddings and head_spec.fmt == dtype,
+        tied_shared=cfg.tie_word_embeddings and head.fmt == dtype,
         tied=cfg.tie_word_embeddings,
     )
 
@@ -340,16 +346,7 @@ def _gguf_spec(g, cfg: ModelConfig, dtype: str) -> tuple[ModelSpec, str]:  # noq
         head = plain_linear(cfg.hidden_size, cfg.vocab_size, dtype)  # the embedding table itself
     else:
         head = fmt_of([head_src], cfg.hidden_size, cfg.vocab_size)
-    spec = ModelSpec(
-        hidden=cfg.hidden_size,
-        vocab=cfg.vocab_size,
-        layers=tuple(layers),
-        head=head,
-        embed_bytes_per_elem=float(DTYPE_BYTES[dtype]),
-        norm_bytes_per_elem=float(DTYPE_BYTES[dtype]),
-        tied_shared=cfg.tie_word_embeddings and head.fmt == dtype,
-        tied=cfg.tie_word_embeddings,
-    )
+    spec = _assemble_spec(cfg, tuple(layers), head, dtype)
     return spec, "native GGUF blocks (" + ", ".join(sorted({v for v in kinds.values()})) + ")"
 
 
@@ -388,16 +385,7 @@ def _compressed_spec(folder: Path, dtype: str) -> tuple[ModelConfig, ModelSpec, 
             )
         )
     head = module("lm_head", cfg.hidden_size, cfg.vocab_size)
-    spec = ModelSpec(
-        hidden=cfg.hidden_size,
-        vocab=cfg.vocab_size,
-        layers=tuple(layers),
-        head=head,
-        embed_bytes_per_elem=float(DTYPE_BYTES[dtype]),
-        norm_bytes_per_elem=float(DTYPE_BYTES[dtype]),
-        tied_shared=cfg.tie_word_embeddings and head.fmt == dtype,
-        tied=cfg.tie_word_embeddings,
-    )
+    spec = _assemble_spec(cfg, tuple(layers), head, dtype)
     return cfg, spec, f"rapidlm compress folder ({manifest.get('method', '?')})"
 
 

@@ -342,10 +342,9 @@ def _make_linear(fmt: str, n: int, k: int) -> tuple[torch.nn.Module, torch.dtype
     raise ValueError(f"unknown weight format {fmt!r} (valid: {', '.join(WEIGHT_FORMATS)})")
 
 
-def measure_weight_stream(fmt: str, n: int = 2048, k: int = 2048, total_mib: int = 128) -> float:
-    """GB/s at which rapidlm's decode linear of format `fmt` streams its weights: one token through copies of
-    an n x k matrix holding `total_mib` MiB together (4x this machine's 32 MiB L3; a model's weights do not fit
-    a cache either), each call's weight + scale bytes over its time less the fixed cost of one call."""
+def _cold_copies(fmt: str, n: int, k: int, total_mib: int) -> tuple[list[torch.nn.Module], torch.dtype, float]:
+    """Copies of one n x k linear of format `fmt` holding `total_mib` MiB together (at least 2), so that calls
+    rotating over them find their weights cold; also the activation dtype and one copy's weight bytes."""
     import copy
 
     from rapidlm.profile.costs import LinearSpec
@@ -358,6 +357,14 @@ def measure_weight_stream(fmt: str, n: int = 2048, k: int = 2048, total_mib: int
             mods.append(copy.deepcopy(probe))  # a memcpy: faster than packing again
         except (NotImplementedError, RuntimeError):  # oneDNN's packed weight is opaque: pack another one
             mods.append(_make_linear(fmt, n, k)[0])
+    return mods, act, per_matrix
+
+
+def measure_weight_stream(fmt: str, n: int = 2048, k: int = 2048, total_mib: int = 128) -> float:
+    """GB/s at which rapidlm's decode linear of format `fmt` streams its weights: one token through copies of
+    an n x k matrix holding `total_mib` MiB together (4x this machine's 32 MiB L3; a model's weights do not fit
+    a cache either), each call's weight + scale bytes over its time less the fixed cost of one call."""
+    mods, act, per_matrix = _cold_copies(fmt, n, k, total_mib)
     x = torch.randn(1, k).to(act)
     i = [0]
 
@@ -474,20 +481,9 @@ def measure_linear_us(fmt: str, n: int, k: int, m: int = 1, total_mib: int = 128
     rotate over copies holding `total_mib` MiB together (4x this machine's L3, as a model's weights exceed it).
     Median of 7 quiet passes (3 over 32 MiB for m > 16, where the matmul is compute-bound): the kernel's
     typical cost at that shape, call overhead included."""
-    import copy
-
-    from rapidlm.profile.costs import LinearSpec
-
-    probe, act = _make_linear(fmt, n, k)
-    per_matrix = LinearSpec.of(probe).weight_bytes
     passes = 7 if m <= 16 else 3
     total_mib = total_mib if m <= 16 else min(total_mib, 32)
-    mods = [probe]
-    for _ in range(max(2, int(total_mib * 2**20 // per_matrix)) - 1):
-        try:
-            mods.append(copy.deepcopy(probe))  # a memcpy: faster than packing again
-        except (NotImplementedError, RuntimeError):  # oneDNN's packed weight is opaque: pack another one
-            mods.append(_make_linear(fmt, n, k)[0])
+    mods, act, per_matrix = _cold_copies(fmt, n, k, total_mib)
     x = torch.randn(m, k).to(act)
     i = [0]
 
