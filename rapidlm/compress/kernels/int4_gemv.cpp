@@ -379,10 +379,32 @@ inline void block_dispatch(int mt, const uint8_t* p, const S* sp, const X* x, co
 #endif
 }
 
-// Sums of x over each group: xs[m][g] (fp32).
+// Sums of x over each group: xs[m][g] (fp32). With AVX512 (group sizes are multiples of 16), 16 lanes at a time
+// and one reduction per group: the scalar loop cost ~10-20 us a call at M = 16 (run on one thread, before the
+// parallel region), about a tenth of the call. The order depends on nothing but the row, so the sums, like the
+// products, are the same whether a row is alone or in a batch.
 template <typename X>
 void group_sums(const X* x, int64_t M, int64_t K, int64_t gs, float* xs) {
   const int64_t G = K / gs;
+#if defined(__AVX512F__)
+  if (gs % 16 == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        const X* xg = x + m * K + g * gs;
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t k = 0; k < gs; k += 16) {
+          if constexpr (std::is_same_v<X, uint16_t>) {
+            const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k));
+            s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+          } else {
+            s = _mm512_add_ps(s, _mm512_loadu_ps(reinterpret_cast<const float*>(xg + k)));
+          }
+        }
+        xs[m * G + g] = _mm512_reduce_add_ps(s);
+      }
+    return;
+  }
+#endif
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       const X* xg = x + m * K + g * gs;
@@ -390,6 +412,32 @@ void group_sums(const X* x, int64_t M, int64_t K, int64_t gs, float* xs) {
       for (int64_t k = 0; k < gs; ++k) s += to_float(xg[k]);
       xs[m * G + g] = s;
     }
+}
+
+// y[r] = out[r] + bias[r] for one block's RB outputs, converted to out_t. bf16 outputs are rounded to nearest even
+// exactly as c10::BFloat16(float) does, 16 at a time (the scalar conversion cost more than a tenth of a call at
+// M = 16, N = 3072).
+template <typename out_t>
+inline void store_block(out_t* y, const float* out, const float* bias, int64_t rows) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (rows == RB) {
+    __m512 v = _mm512_loadu_ps(out);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    if constexpr (std::is_same_v<out_t, float>) {
+      _mm512_storeu_ps(y, v);
+      return;
+    } else if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+      // c10::round_to_nearest_even: (bits + 0x7FFF + lsb) >> 16; NaN -> 0x7FC0
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+      r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(r));
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) y[r] = static_cast<out_t>(out[r] + (bias ? bias[r] : 0.f));
 }
 
 template <typename X, typename out_t, typename S>
@@ -426,11 +474,7 @@ void run_small(const X* x, const uint8_t* packed, const S* psc, const float* bia
           case 128: block_dispatch<X, 128, S>(mt, p, sp, xm, xsm, K, G, gs, out); break;
           default: block_dispatch<X, 0, S>(mt, p, sp, xm, xsm, K, G, gs, out); break;
         }
-        for (int m = 0; m < mt; ++m) {
-          out_t* yr = y + (m0 + m) * N + b * RB;
-          for (int64_t r = 0; r < rows; ++r)
-            yr[r] = static_cast<out_t>(out[m][r] + (bias ? bias[b * RB + r] : 0.f));
-        }
+        for (int m = 0; m < mt; ++m) store_block(y + (m0 + m) * N + b * RB, out[m], bias ? bias + b * RB : nullptr, rows);
       }
     }
   });
