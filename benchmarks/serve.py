@@ -11,7 +11,13 @@ Method
   `Llama`; the others wait, so their TTFT includes the wait) and runs with `--interrupt_requests False`: its
   default ends a running stream as soon as another request arrives, which would cut concurrent streams short.
 * For each concurrency C: a closed loop of C clients (asyncio + httpx, one connection each), each sending
-  `--rounds` streamed completions one after another (or until `--phase-timeout` passes). Every request has its
+  `--rounds` streamed completions one after another (or until `--phase-timeout` passes). rapidlm runs every
+  concurrency in `--passes` passes, the order reversed in every other pass (1 4 16 32 32 16 4 1 for two), and
+  each figure pools its passes (tokens / summed wall time; percentiles over every request): this shared
+  machine's speed drifts by up to ~30% over minutes, and a phase that runs once, short, at one end of the run
+  can land in a fast or a slow stretch. Symmetric passes cancel a steady drift; the table shows each pass's
+  tok/s so the rest of the spread stays visible. llama.cpp runs one pass (its phases take minutes each, and its
+  throughput does not change with C). Every request has its
   own prompt, cut from wikitext-2 (100-200 tokens, never repeated in a run, so no prefix cache helps), greedy,
   exactly `--max-tokens` new tokens (rapidlm: `ignore_eos`; llama.cpp: `min_tokens` = `max_tokens`). One
   request before each phase warms up and is not counted.
@@ -262,21 +268,54 @@ def request_body(server: str, model: str, n: int, **content: Any) -> dict[str, A
     return {**body, "min_tokens": n}  # llama-cpp-python: EOS masked until max_tokens
 
 
-def throughput_runs(server: str, base: str, args: argparse.Namespace, pools: dict[int, list[str]], pid: int) -> list:
-    rows = []
-    for c in args.concurrency:
-        bodies = [request_body(server, args.model, args.max_tokens, prompt=p) for p in pools[c]]
-        per_client = [bodies[1 + i :: c] for i in range(c)]  # bodies[0] is the warm-up
-        log(f"{server}: {c} concurrent streams x {args.rounds} rounds")
-        row = asyncio.run(run_phase(base, "/v1/completions", per_client, bodies[0], args.phase_timeout, pid))
-        row.update(server=server, concurrency=c)
-        log(
-            f"{server} @{c}: {row['requests']} requests, {row['tokens']} tokens, {row['tok_s']:.1f} tok/s, "
-            f"TTFT p50 {row['ttft_ms']['p50']:.0f} ms, ITL p50 {row['itl_ms']['p50']:.1f} ms"
-            + (f", {len(row['errors'])} errors: {row['errors'][0]}" if row["errors"] else "")
-        )
-        rows.append(row)
-    return rows
+def pooled(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several passes' rows of the same concurrency: sums, and statistics over every request."""
+    if len(rows) == 1:
+        return {**rows[0], "pass_tok_s": [rows[0]["tok_s"]]}
+    records = [r for row in rows for r in row["records"]]
+    ok = [r for r in records if "error" not in r]
+    wall, tokens = sum(r["wall_s"] for r in rows), sum(r["tokens"] for r in rows)
+    counters: dict[str, float] = {}
+    for row in rows:
+        for k, v in row["counters"].items():
+            counters[k] = counters.get(k, 0.0) + v
+    return {
+        **rows[0],
+        "requests": sum(r["requests"] for r in rows),
+        "errors": [e for r in rows for e in r["errors"]],
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft_ms": summary([1000 * r["ttft_s"] for r in ok]),
+        "itl_ms": summary([1000 * x for r in ok for x in r["itl_s"]]),
+        "short_requests": sum(r["short_requests"] for r in rows),
+        "client_cores": sum(r["client_cores"] * r["wall_s"] for r in rows) / wall,
+        "other_cores": sum(r["other_cores"] * r["wall_s"] for r in rows) / wall,
+        "counters": counters,
+        "records": records,
+        "pass_tok_s": [r["tok_s"] for r in rows],
+    }
+
+
+def throughput_runs(
+    server: str, base: str, args: argparse.Namespace, pools: dict[int, list[list[str]]], pid: int
+) -> list:
+    passes = args.passes if server == "rapidlm" else 1
+    by_c: dict[int, list[dict[str, Any]]] = {c: [] for c in args.concurrency}
+    for k in range(passes):
+        for c in args.concurrency if k % 2 == 0 else args.concurrency[::-1]:
+            bodies = [request_body(server, args.model, args.max_tokens, prompt=p) for p in pools[c][k]]
+            per_client = [bodies[1 + i :: c] for i in range(c)]  # bodies[0] is the warm-up
+            log(f"{server}: {c} concurrent streams x {args.rounds} rounds (pass {k + 1} of {passes})")
+            row = asyncio.run(run_phase(base, "/v1/completions", per_client, bodies[0], args.phase_timeout, pid))
+            row.update(server=server, concurrency=c)
+            log(
+                f"{server} @{c}: {row['requests']} requests, {row['tokens']} tokens, {row['tok_s']:.1f} tok/s, "
+                f"TTFT p50 {row['ttft_ms']['p50']:.0f} ms, ITL p50 {row['itl_ms']['p50']:.1f} ms"
+                + (f", {len(row['errors'])} errors: {row['errors'][0]}" if row["errors"] else "")
+            )
+            by_c[c].append(row)
+    return [pooled(by_c[c]) for c in args.concurrency]
 
 
 def prefix_runs(base: str, args: argparse.Namespace, cutter: TextCutter, pid: int) -> dict[str, Any]:
@@ -367,12 +406,13 @@ def render(results: dict, args: argparse.Namespace, model_path: Path, info: dict
     f = "{:.0f}".format
     rows = [
         [r["server"], str(r["concurrency"]), str(r["requests"]), str(r["tokens"]), f"{r['tok_s']:.1f}",
-         f(r["ttft_ms"]["p50"]), f(r["ttft_ms"]["p99"]), f"{r['itl_ms']['p50']:.1f}", f"{r['itl_ms']['p99']:.1f}",
+         " / ".join(f"{x:.1f}" for x in r.get("pass_tok_s", [r["tok_s"]])), f(r["ttft_ms"]["p50"]),
+         f(r["ttft_ms"]["p99"]), f"{r['itl_ms']['p50']:.1f}", f"{r['itl_ms']['p99']:.1f}",
          f"{r['client_cores']:.2f}", f"{r['other_cores']:.2f}", str(len(r["errors"]))]
         for s in results.values() for r in s.get("rows", [])
     ]  # fmt: skip
-    header = ["server", "streams", "requests", "tokens", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
-              "ITL p99 ms", "client cores", "other cores", "errors"]  # fmt: skip
+    header = ["server", "streams", "requests", "tokens", "tok/s", "tok/s per pass", "TTFT p50 ms", "TTFT p99 ms",
+              "ITL p50 ms", "ITL p99 ms", "client cores", "other cores", "errors"]  # fmt: skip
     lines = [
         "## Serving: rapidlm serve vs llama-cpp-python's server",
         "",
@@ -380,7 +420,10 @@ def render(results: dict, args: argparse.Namespace, model_path: Path, info: dict
         f"loopback on the same machine. Closed loop: C clients, {args.rounds} streamed completions each, every "
         f"prompt distinct (100-200 tokens of wikitext-2), greedy, {args.max_tokens} new tokens each; one warm-up "
         "request per phase, not counted. TTFT: send to first content chunk; ITL: gaps between content chunks "
-        "(one token each); tok/s: generated tokens / phase wall time.",
+        "(one token each); tok/s: generated tokens / phase wall time. "
+        f"rapidlm runs {args.passes} passes over the concurrencies, every other one in reverse order, pooled "
+        "(tokens / summed wall time; percentiles over all requests), so a drift of the shared machine's speed "
+        "hits every concurrency alike; llama.cpp one pass.",
         "",
         f"- **date**: {info['date']}",
         f"- **machine**: {info['machine']}",
@@ -422,6 +465,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads for each server (default: %(default)s)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32], help="streams (default: 1 4 16 32)")
     p.add_argument("--rounds", type=int, default=3, help="requests per client per phase (default: %(default)s)")
+    p.add_argument("--passes", type=int, default=2, help="rapidlm passes over the concurrencies, every other one "
+                   "in reverse order, pooled (default: %(default)s)")  # fmt: skip
     # 128 new tokens: the output length vLLM's serving benchmark uses by default. Prefill of the 100-200-token
     # prompt is compute-bound and gains nothing from batching, so shorter outputs cap what batching can show.
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default: %(default)s)")
@@ -440,8 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="save every figure and per-request record as JSON")
     p.add_argument("--write", type=Path, help=f"replace the {SECTION_START} section of this markdown file")
     args = p.parse_args(argv)
-    if min(args.concurrency) < 1 or args.rounds < 1 or args.max_tokens < 2 or args.threads < 1:
-        p.error("--concurrency, --rounds and --threads must be >= 1, --max-tokens >= 2")
+    if min(args.concurrency) < 1 or args.rounds < 1 or args.max_tokens < 2 or args.threads < 1 or args.passes < 1:
+        p.error("--concurrency, --rounds, --passes and --threads must be >= 1, --max-tokens >= 2")
     return args
 
 
@@ -458,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": shlex.join(["python", "benchmarks/serve.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     cutter = TextCutter(model_path, args.text)
-    pools = {c: cutter.prompts(1 + c * args.rounds) for c in args.concurrency}  # one warm-up + the counted ones
+    # per concurrency and pass: one warm-up + the counted prompts, never repeated in the run
+    pools = {c: [cutter.prompts(1 + c * args.rounds) for _ in range(args.passes)] for c in args.concurrency}
     servers = [s for s, skip in (("rapidlm", args.skip_rapidlm), ("llama.cpp", args.skip_llama_cpp)) if not skip]
     results = {}
     for s in servers:

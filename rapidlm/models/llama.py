@@ -105,7 +105,8 @@ class Transformer(nn.Module):
         caches: KVCaches,
         kv_len: int,  # attend over cache slots [0, kv_len): 1 + the largest position in `positions`
         last_only: bool = False,  # return logits of the last position only: prefill needs no more
-    ) -> torch.Tensor:  # (B, T or 1, vocab) logits
+        logit_rows: torch.Tensor | None = None,  # (R,) int64: only these of the B*T flattened positions' logits
+    ) -> torch.Tensor:  # (B, T or 1, vocab) logits; (1, R, vocab) with logit_rows
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
         rope_dtype = caches[0].dtype  # RoPE runs in the attention dtype (see Attention.forward)
@@ -126,4 +127,6 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, write_at, mask, kv_len)
         if last_only:
             x = x[:, -1:]
+        elif logit_rows is not None:
+            x = x.reshape(B * T, -1)[logit_rows].unsqueeze(0)  # (1, R, C)
         return self.lm_head(self.norm(x))

@@ -8,6 +8,10 @@ This is a module swap done by the runner after loading; the model code knows not
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
@@ -116,12 +120,56 @@ class DenseCopyLinear(nn.Module):
         self._dense_forward = self.dense.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() >= self.min_elements:
-            return self._dense_forward(x)
+        if x.dtype == torch.bfloat16:
+            groups = _ROW_GROUPS.get()
+            if groups is not None:
+                sizes = groups.get(x.numel() // self.in_features)
+                if sizes is not None and len(sizes) > 1:
+                    return self._forward_groups(x, sizes)
+            if x.numel() >= self.min_elements:
+                return self._dense_forward(x)
         return self._quantized_forward(x)
+
+    def _forward_groups(self, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        """Each group of consecutive rows takes the path it would take alone (see row_groups). Consecutive groups on
+        the same path share one call where that gives the same rows: the bf16 GEMM's rows never depend on the rest
+        of the batch, the kernels' only below their own large-batch switch (so a shared kernel call stays under
+        min_rows rows, below it)."""
+        min_rows = self.min_elements // self.in_features
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        runs: list[tuple[bool, int, int]] = []  # (dense, first row, end row)
+        row = 0
+        for size in sizes:
+            dense = size >= min_rows
+            if runs and runs[-1][0] == dense and (dense or row + size - runs[-1][1] < min_rows):
+                runs[-1] = (dense, runs[-1][1], row + size)
+            else:
+                runs.append((dense, row, row + size))
+            row += size
+        outs = [(self._dense_forward if dense else self._quantized_forward)(x2[a:b]) for dense, a, b in runs]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"bf16 copy from {self.min_elements // self.in_features} rows"
+
+
+# Row groups of the forward in progress: {rows in a linear's input: sizes of its groups of consecutive rows}.
+_ROW_GROUPS: ContextVar[dict[int, tuple[int, ...]] | None] = ContextVar("rapidlm_row_groups", default=None)
+
+
+@contextmanager
+def row_groups(groups: dict[int, tuple[int, ...]]) -> Iterator[None]:
+    """Within this block, a DenseCopyLinear whose input has M rows with `groups[M]` = (m1, m2, ...) (m1 + m2 + ...
+    = M) treats each group of consecutive rows as if it were a call of its own: the bf16 copy from its min_rows,
+    the quantized kernel below. One forward can then carry several sequences' prompt chunks and a batch of decode
+    rows (rapidlm.engine's one forward per step), and every row still gets the bits it would get in the forward
+    that ran it alone: both paths compute each row independently of the others in its call."""
+    token = _ROW_GROUPS.set(groups)
+    try:
+        yield
+    finally:
+        _ROW_GROUPS.reset(token)
 
 
 def dense_copy_bytes(model: nn.Module) -> int:

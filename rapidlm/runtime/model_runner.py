@@ -7,7 +7,14 @@ from torch import nn
 
 from rapidlm.config import ModelConfig
 from rapidlm.errors import ConfigError
-from rapidlm.runtime.cpu_linear import add_dense_copies, dense_copy_bytes, mkldnn_bf16_available, pack_linears
+from rapidlm.runtime.cpu_linear import (
+    DenseCopyLinear,
+    add_dense_copies,
+    dense_copy_bytes,
+    mkldnn_bf16_available,
+    pack_linears,
+    row_groups,
+)
 from rapidlm.runtime.kv_cache import StaticKVCache
 from rapidlm.runtime.paged_kv import PagedKVCache
 
@@ -130,6 +137,43 @@ class ModelRunner:
         seq_lens = [s + T for s in start]
         layers = cache.layers(block_tables, pos, seq_lens)
         return self.model(ids, pos, layers, max(seq_lens), last_only=not all_logits).float()
+
+    def flat_ok(self, cache: PagedKVCache) -> bool:
+        """forward_flat can serve this cache and model: the cache runs every token as a kernel row, and every
+        weight-only quantized linear is wrapped in a DenseCopyLinear (which keeps each segment's rows on the path
+        its own forward would take; bare kernels switch paths with the size of the whole batch)."""
+        if not cache.flat_ok:
+            return False
+        wrapped = {id(m.quantized) for m in self.model.modules() if isinstance(m, DenseCopyLinear)}
+        return not any(
+            type(m).__module__.startswith("rapidlm.compress") and id(m) not in wrapped for m in self.model.modules()
+        )
+
+    @torch.inference_mode()
+    def forward_flat(
+        self,
+        cache: PagedKVCache,
+        tokens: list[list[int]],  # per segment, this step's tokens: n_decode one-token segments, then prompt chunks
+        start: list[int],  # per segment, the position of its first token
+        block_tables: list[list[int]],  # per segment, blocks covering positions [0, start + len)
+        n_decode: int,  # the first n_decode segments are decode rows (one token each)
+        want_logits: list[bool],  # per prompt chunk: return the logits of its last token
+    ) -> torch.Tensor:  # (n_decode + sum(want_logits), vocab) fp32: decode rows, then the chunks that want logits
+        """One forward for a whole engine step: every segment's tokens laid end to end (see layers_flat). Each
+        segment's rows get the bits forward_paged would give them (a batch of the n_decode decode rows, each chunk
+        alone): row_groups keeps every segment's linears on the path its own forward would take."""
+        counts = [len(t) for t in tokens]
+        ids = torch.tensor([t for seg in tokens for t in seg], dtype=torch.long, device=self.device)  # (N,)
+        pos = torch.tensor([p for s, n in zip(start, counts) for p in range(s, s + n)], device=self.device)
+        ends = torch.tensor(counts, device=self.device).cumsum(0) - 1  # each segment's last token
+        chunks = [i for i, want in enumerate(want_logits) if want]
+        logit_rows = torch.cat([ends[:n_decode], ends[n_decode:][chunks]])  # (R,)
+        layers = cache.layers_flat(block_tables, counts, pos)
+        body = ((n_decode,) if n_decode else ()) + tuple(counts[n_decode:])
+        head = ((n_decode,) if n_decode else ()) + (1,) * len(chunks)
+        with row_groups({len(ids): body, len(logit_rows): head}):
+            logits = self.model(ids[None], pos[None], layers, int(pos.max()) + 1, logit_rows=logit_rows)
+        return logits[0].float()
 
     def warmup(self) -> None:
         """Run a prefill and two decode steps so one-time work (compilation, allocator growth) happens now."""

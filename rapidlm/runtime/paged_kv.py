@@ -151,3 +151,29 @@ class PagedKVCache:
             lens = (positions + 1).reshape(-1).to(torch.int32)  # (B*T,)
             tables = tables.to(torch.int32).repeat_interleave(T, dim=0)  # (B*T, nb)
         return [PagedLayerKV(k, v, slots, tables, lens, self.kernel, self.window, self.dtype) for k, v in self.data]
+
+    @property
+    def flat_ok(self) -> bool:
+        """layers_flat works: the kernel runs every query token as a row of its own (the CPU)."""
+        return self.kernel is not None and self.kernel_prefill
+
+    def layers_flat(
+        self,
+        block_tables: list[list[int]],  # per segment, the block ids covering every position it reads or writes
+        counts: list[int],  # per segment, its tokens in this step
+        positions: torch.Tensor,  # (N,) on the device, N = sum(counts): every token's position, segment by segment
+    ) -> list[PagedLayerKV]:
+        """The views for one forward over several sequences' tokens laid end to end as one row of N tokens
+        (decode tokens and prompt chunks alike): each query token is a kernel row with its own sequence's table
+        and its own position + 1 as its length, as in prefill through the kernel (needs flat_ok)."""
+        nb = max(len(t) for t in block_tables)
+        padded = [t + [0] * (nb - len(t)) for t in block_tables]
+        counts_t = torch.tensor(counts, device=self.device)
+        tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+        tables = tables.repeat_interleave(counts_t, dim=0)  # (N, nb): each token's sequence's table
+        bs = self.block_size
+        rows = torch.arange(len(positions), device=self.device)
+        slots = tables[rows, positions // bs] * bs + positions % bs  # (N,)
+        lens = (positions + 1).to(torch.int32)
+        tables = tables.to(torch.int32)
+        return [PagedLayerKV(k, v, slots, tables, lens, self.kernel, self.window, self.dtype) for k, v in self.data]

@@ -169,3 +169,28 @@ def test_kv_cache_dtype(tiny):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = run_all(bf16, [("r", PROMPTS[1], params)])["r"]
     assert len(tokens(outs)) == 6 and bf16.kv.num_used == 0
+
+
+def test_flat_steps_give_the_outputs_of_separate_forwards(tmp_path):
+    """One forward per step (decode rows + prompt chunks) against a forward per batch and chunk: the same tokens
+    and logprobs, on a bf16 model with 4-bit weights and bf16 copies (whose rows are bit-identical either way)."""
+    from rapidlm.runtime.cpu_linear import mkldnn_bf16_available
+
+    if not mkldnn_bf16_available():
+        pytest.skip("oneDNN bf16 linears unavailable")
+    with pytest.raises(ConfigError, match="flat_steps"):
+        EngineConfig(flat_steps="yes")
+    folder = save_hf_folder(tiny_hf_model("LlamaForCausalLM", seed=6), tmp_path / "m")
+    llm = LLM(folder, dtype="bfloat16", quantization="int4-g32", dense_prefill="on")
+    prompts = PROMPTS + [list(range(3000, 3090)), list(range(500, 503))]  # a 90-token prompt runs the copies
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = {}
+    for flat in (True, False):
+        core = EngineCore(llm.runner, llm.tokenizer, EngineConfig(max_batched_tokens=64, block_size=4, flat_steps=flat))
+        assert core._flat is flat
+        reqs = [(str(i), p, params, 3) for i, p in enumerate(prompts)]  # logprobs: 3 alternatives
+        runs[flat] = run_all(core, reqs, steps_between=1)
+        assert core.kv.num_used == 0
+    for rid, outs in runs[True].items():
+        assert tokens(outs) == tokens(runs[False][rid])
+        assert [o.new_logprobs for o in outs] == [o.new_logprobs for o in runs[False][rid]]
