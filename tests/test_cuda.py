@@ -122,6 +122,29 @@ def test_cuda_batch_equals_single(tmp_path):
         assert out.token_ids == llm.generate([prompt], p)[0].token_ids
 
 
+def test_cuda_serving_engine_equals_generate(tmp_path):
+    """The continuous-batching engine on a CUDA paged cache (Triton paged attention; a forward per batch and per
+    prompt chunk, since one flat forward per step is CPU-only): greedy outputs equal LLM.generate's."""
+    from rapidlm.engine.llm_engine import EngineConfig, EngineCore
+
+    folder = hf_folder(tiny_hf_model("LlamaForCausalLM"), tmp_path / "m")
+    llm = LLM(folder, device="cuda", dtype="float32")
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [list(range(100, 110)), list(range(200, 237)), [5, 6, 7]]
+    core = EngineCore(llm.runner, llm.tokenizer, EngineConfig(max_batched_tokens=24, block_size=4))
+    assert core.cache.device.type == "cuda" and not core._flat
+    got: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        core.add_request(str(i), prompt, p)
+        for out in core.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    while core.has_unfinished:
+        for out in core.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert [got[str(i)] for i in range(len(prompts))] == [llm.generate([q], p)[0].token_ids for q in prompts]
+    assert core.kv.num_used == 0
+
+
 # ---- kernels -----------------------------------------------------------------------------------------------------
 
 
