@@ -13,6 +13,8 @@ widens what it gathers back to the attention dtype before SDPA. The model only e
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Callable
 
 import torch
@@ -41,6 +43,27 @@ def _decode_kernel(device: torch.device, dtype: torch.dtype, storage_dtype: torc
     except ImportError:
         return None
     return paged_attention_decode if decode_kernel_available() else None
+
+
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_HUGE_PAGE = 2 << 20
+
+
+def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros on the CPU, its memory advised as transparent huge pages before it is first touched (Linux;
+    elsewhere, or where the advice is refused, plain pages). A decode step's attention reads blocks scattered over
+    the whole pool (tens of MB per step at 16 sequences); with 4 KiB pages nearly every block read is a TLB miss.
+    Measured on SmolLM2-135M, 16 sequences at 200 tokens, 2 threads, interleaved: a decode step 34.0 -> 32.9 ms."""
+    t = torch.empty(shape, dtype=dtype)
+    if sys.platform.startswith("linux") and t.numel() * t.element_size() >= 2 * _HUGE_PAGE:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+            end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass  # no madvise here: plain pages
+    return t.zero_()
 
 
 class PagedLayerKV(CacheAttention):
@@ -112,7 +135,10 @@ class PagedKVCache:
         self.device, self.dtype = device, dtype
         self.storage_dtype = storage_dtype or dtype
         shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+        if device.type == "cpu":
+            self.data = _zeros_on_huge_pages(shape, self.storage_dtype)
+        else:
+            self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
         self.window = cfg.sliding_window or 0
         self.kernel = _decode_kernel(device, dtype, self.storage_dtype) if use_kernel else None
         # Prefill through the decode kernel too (a row per query token): on the CPU it is ~5x faster than gathering

@@ -415,3 +415,20 @@ def test_prefill_through_the_kernel_equals_gather_and_sdpa(window, storage):
         outs.append(layer.attend(q, k, v, (b_idx, pos), allowed.unsqueeze(1), start + T))  # (B, nh, T, hd)
     assert outs[0].shape == outs[1].shape == (2, nh, T, hd)
     torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
+
+
+def test_pool_memory_is_zeroed_with_or_without_huge_pages(monkeypatch):
+    """The CPU pool is advised as transparent huge pages (Linux); where madvise is missing it is plain zeros."""
+    import ctypes
+
+    from rapidlm.runtime import paged_kv
+
+    t = paged_kv._zeros_on_huge_pages((5, 1 << 20), torch.bfloat16)  # 10 MiB: large enough to be advised
+    assert t.shape == (5, 1 << 20) and t.dtype == torch.bfloat16 and not t.any()
+
+    def no_libc(*args, **kwargs):
+        raise OSError("no libc here")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    t = paged_kv._zeros_on_huge_pages((3, 1 << 20), torch.float32)
+    assert t.shape == (3, 1 << 20) and not t.any()
