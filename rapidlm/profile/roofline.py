@@ -37,7 +37,7 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Weight formats a decode linear can have (rapidlm.profile.costs.linear_weight_format maps modules to these).
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4", "w8a8")
 DEVICES = ("cpu", "cuda")
-CACHE_VERSION = 5  # bump when what is measured changes, so old cache files are re-measured
+CACHE_VERSION = 6  # bump when what is measured changes, so old cache files are re-measured
 
 # Framework ops of rapidlm's eager forward (models/llama.py, models/layers.py, runtime/attention.py,
 # runtime/kv_cache.py) at one decode step, as the PyTorch profiler counts top-level ops (views included: each is a
@@ -46,17 +46,19 @@ CPU_LAYER_OPS: dict[str, int] = {
     "norms": 16,  # 2 RMSNorms x (vector_norm, square_, div_, add_, rsqrt_, empty_like, mul, weight mul)
     "qkv_proj": 6,  # linear, view, slices of q|k, q, k, v
     "rotary": 7,  # widening .to, RoPE (2 slices, cat, mul, addcmul), a view
-    "attention": 8,  # 2 index_put (K, V write), v .to, 2 slices read back, q transpose, SDPA, a view
+    "attention": 9,  # K and V writes (index_put through a view), v .to, the pools viewed as blocks, q reshape,
+    # the fused decode kernel (runtime/kv_cache.LayerKV; SDPA where the kernel is unavailable), its output view
     "o_proj": 5,  # transpose, reshape, .to, linear, residual add
     "mlp": 6,  # gate|up linear, split, silu, mul, down linear, residual add
 }
 CPU_STEP_OPS: dict[str, int] = {  # outside the layers, per step
     "embedding": 6,  # embedding, token/position unsqueezes, batch-index arange + unsqueeze + expand
     "rotary": 6,  # cos/sin table gathers, casts, unsqueezes
+    "attention": 6,  # the decode kernel's tables and lengths, built once for all layers
     "norms": 8,  # the final RMSNorm
     "head": 4,  # linear, select of the last position, .float(), the sampler's argmax
 }
-CPU_OPS_PER_LAYER = sum(CPU_LAYER_OPS.values())  # 48
+CPU_OPS_PER_LAYER = sum(CPU_LAYER_OPS.values())  # 49
 
 
 @dataclass
@@ -460,17 +462,38 @@ def _sdpa(q, k, v, mask):  # noqa: ANN001, ANN202
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _kernel_inputs(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int, max_len: int):  # noqa: ANN202
+    """What the dense cache hands the CPU decode kernel (runtime/kv_cache.LayerKV): q (B*Hkv, H/Hkv, d), each
+    (row, kv head) of the (B, Hkv, max_len, d) cache as one block, every row kv_len long."""
+    q = torch.randn(batch * kv_heads, heads // kv_heads, head_dim)
+    cache = torch.randn(2, batch * kv_heads, max_len, 1, head_dim)
+    tables = torch.arange(batch * kv_heads, dtype=torch.int32)[:, None]
+    lens = torch.full((batch * kv_heads,), kv_len, dtype=torch.int32)
+    return q, cache[0], cache[1], tables, lens, head_dim**-0.5, 0
+
+
 def measure_attention_us(batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int,
                          dtype: str = "float32", q_len: int = 1, layers: int = 32) -> float:
-    """Microseconds of one layer's attention as rapidlm runs it (SDPA of q_len new tokens over the cache's
-    first kv_len slots), calls rotating over `layers` layers' caches as a step does. Median of 7 quiet passes."""
+    """Microseconds of one layer's attention as rapidlm runs it over its dense cache (a decode token: the fused
+    decode kernel where it is available on the CPU; prompt tokens: SDPA over the cache's first kv_len slots),
+    calls rotating over `layers` layers' caches as a step does. Median of 7 quiet passes."""
+    from rapidlm.runtime.paged_kv import _decode_kernel
+
     tdt = getattr(torch, dtype)
-    inputs = [_sdpa_inputs(batch, heads, kv_heads, head_dim, kv_len, tdt, kv_len + 64, q_len) for _ in range(layers)]
+    kernel = _decode_kernel(torch.device("cpu"), tdt, tdt) if q_len == 1 else None
+    if kernel is not None:
+        inputs = [_kernel_inputs(batch, heads, kv_heads, head_dim, kv_len, kv_len + 64) for _ in range(layers)]
+    else:
+        inputs = [_sdpa_inputs(batch, heads, kv_heads, head_dim, kv_len, tdt, kv_len + 64, q_len)
+                  for _ in range(layers)]  # fmt: skip
     i = [0]
 
     def call() -> None:
         i[0] = (i[0] + 1) % len(inputs)
-        _sdpa(*inputs[i[0]])
+        if kernel is not None:
+            kernel(*inputs[i[0]])
+        else:
+            _sdpa(*inputs[i[0]])
 
     with torch.inference_mode():
         return _timed(call, len(inputs), 7, "median") * 1e6

@@ -13,14 +13,60 @@ import torch
 from rapidlm.compress.primitives import quantize_per_token_int8
 from rapidlm.config import ModelConfig
 from rapidlm.runtime.attention import CacheAttention
+from rapidlm.runtime.paged_kv import DecodeKernel, _decode_kernel
+
+
+class _StepIndex:
+    """Block tables and lengths for the decode kernel, built once per forward and shared by every layer (the same
+    `pos` tensor reaches each layer's attend): ~4 small ops, not ~4 per layer."""
+
+    def __init__(self) -> None:
+        self.pos: torch.Tensor | None = None
+        self.tables = self.lens = torch.empty(0)
+
+    def get(self, pos: torch.Tensor, nkv: int) -> tuple[torch.Tensor, torch.Tensor]:  # pos (B, 1)
+        if pos is not self.pos or torch.compiler.is_compiling():
+            B = pos.shape[0]
+            self.tables = torch.arange(B * nkv, dtype=torch.int32, device=pos.device)[:, None]  # (B*nkv, 1)
+            self.lens = (pos + 1).to(torch.int32).expand(B, nkv).reshape(B * nkv)  # each row's kv heads
+            self.pos = None if torch.compiler.is_compiling() else pos
+        return self.tables, self.lens
 
 
 class LayerKV(CacheAttention):
-    """One layer's k and v views, each (B, n_kv, max_len, hd), stored in `dtype`."""
+    """One layer's k and v views, each (B, n_kv, max_len, hd), stored in `dtype`.
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    With `kernel` (the CPU paged-attention decode kernel), one-token steps attend through it instead of SDPA: every
+    (row, kv head) is a "block" of max_len rows of one head, read up to the row's own length. SDPA's result for a
+    row depends on the padded length and the other rows of the batch (measured: ~1e-7 apart), which can flip a
+    near-tie between a prompt decoded in a batch and alone; the kernel computes each row on its own."""
+
+    def __init__(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kernel: DecodeKernel | None = None,
+        window: int = 0,
+        step: _StepIndex | None = None,
+    ) -> None:
         self.k, self.v = k, v
         self.dtype = k.dtype  # the attention dtype: q/k/v are widened to it before RoPE
+        self.kernel, self.window = kernel, window
+        self.step = step or _StepIndex()
+
+    def attend(self, q, k, v, write_at, mask, kv_len):  # noqa: ANN001, ANN201 - see CacheAttention.attend
+        B, T, nh, hd = q.shape
+        if self.kernel is None or T != 1 or not self.k.is_contiguous():
+            return super().attend(q, k, v, write_at, mask, kv_len)
+        b_idx, pos = write_at  # (B, 1) each
+        self.k[b_idx, :, pos] = k
+        self.v[b_idx, :, pos] = v.to(self.dtype)
+        _, nkv, max_len, _ = self.k.shape
+        pool_k = self.k.view(B * nkv, max_len, 1, hd)  # (row, kv head) -> one block of max_len positions
+        pool_v = self.v.view(B * nkv, max_len, 1, hd)
+        tables, lens = self.step.get(pos, nkv)
+        out = self.kernel(q.reshape(B * nkv, nh // nkv, hd), pool_k, pool_v, tables, lens, hd**-0.5, self.window)
+        return out.view(B, nh, 1, hd)  # (B, nh, T, hd)
 
     def update(
         self,
@@ -96,6 +142,11 @@ class StaticKVCache:
         self.scales = torch.zeros((*shape[:-1], 1), dtype=torch.float32, device=device) if int8 else None
         self.batch_size = batch_size
         self._live: list | None = None
+        self.window = cfg.sliding_window or 0
+        # the fused decode kernel where it serves this cache (CPU, fp32 or bf16 storage): see LayerKV. CUDA decode
+        # runs CUDA graphs or SDPA; its Triton kernel serves the paged cache.
+        on_cpu = torch.device(device).type == "cpu"
+        self.kernel = _decode_kernel(torch.device(device), dtype, dtype) if on_cpu and not int8 else None
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +160,8 @@ class StaticKVCache:
                 self._live = self.layers(slice(0, self.batch_size))
             return self._live
         if self.scales is None:
-            return [LayerKV(layer[0, rows], layer[1, rows]) for layer in self.data]
+            step = _StepIndex()
+            return [LayerKV(layer[0, rows], layer[1, rows], self.kernel, self.window, step) for layer in self.data]
         return [
             Int8LayerKV(q[0, rows], q[1, rows], s[0, rows], s[1, rows], self.dtype)
             for q, s in zip(self.data, self.scales)

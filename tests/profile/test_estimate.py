@@ -84,7 +84,7 @@ def test_cpu_fixed_cost_is_op_count_times_measured_op_cost():
     head_call = CPU.linear_overhead_us["float32"] - CPU.layer_op_overhead_us["float32"]
     assert fixed == pytest.approx((ops * 4.0 + head_call) * 1e-6)
     assert sum(r.ops for r in e.decode.rows) == ops
-    assert "formulas:" in e.render() and any("48·L + 24" in f for f in e.formulas)
+    assert "formulas:" in e.render() and any("49·L + 30" in f for f in e.formulas)
 
 
 def test_quantization_formats_from_a_config():

@@ -432,3 +432,46 @@ def test_pool_memory_is_zeroed_with_or_without_huge_pages(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     t = paged_kv._zeros_on_huge_pages((3, 1 << 20), torch.float32)
     assert t.shape == (3, 1 << 20) and not t.any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 6])
+def test_static_cache_decode_through_the_kernel(window):
+    """A one-token step over the dense (static) cache runs the decode kernel, each (row, kv head) as one block: the
+    same attention as SDPA over the row's own slots (fp32 tolerance), and each row bit-identical whatever else is
+    in the batch and however long the cache is (what SDPA did not give)."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from rapidlm.runtime.kv_cache import StaticKVCache
+
+    cfg = replace(_tiny_cfg(), sliding_window=window)
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(0)
+    lens = [9, 14, 4]  # each row's length after this step's token
+    q, k, v = (torch.randn(3, 1, n, hd, generator=g) for n in (nh, nkv, nkv))
+    history = torch.randn(2, 3, nkv, 20, hd, generator=g)
+
+    def step(rows: list[int], max_len: int) -> torch.Tensor:
+        cache = StaticKVCache(cfg, len(rows), max_len, torch.float32, torch.device("cpu"))
+        assert cache.kernel is not None
+        for i, r in enumerate(rows):  # the row's earlier keys and values (layer 0 is the one used)
+            cache.data[0, :, i, :, : lens[r] - 1] = history[:, r, :, : lens[r] - 1]
+        layer = cache.layers()[0]
+        pos = torch.tensor([[lens[r] - 1] for r in rows])
+        b_idx = torch.arange(len(rows))[:, None]
+        return layer.attend(q[rows], k[rows], v[rows], (b_idx, pos), None, max(lens[r] for r in rows))
+
+    batched = step([0, 1, 2], 24)
+    assert batched.shape == (3, nh, 1, hd)
+    for r in range(3):
+        assert torch.equal(step([r], lens[r] + 3)[0], batched[r])  # alone, a shorter cache: the same bits
+        n = lens[r]
+        keys = torch.cat([history[0, r, :, : n - 1], k[r, 0, :, None]], dim=1)  # (nkv, n, hd)
+        values = torch.cat([history[1, r, :, : n - 1], v[r, 0, :, None]], dim=1)
+        lo = max(0, n - window) if window else 0
+        want = F.scaled_dot_product_attention(
+            q[r].transpose(0, 1)[None], keys[None, :, lo:], values[None, :, lo:], enable_gqa=True
+        )[0]  # (nh, 1, hd)
+        torch.testing.assert_close(batched[r], want, rtol=1e-5, atol=2e-6)
