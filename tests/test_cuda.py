@@ -132,7 +132,7 @@ def test_cuda_serving_engine_equals_generate(tmp_path):
     p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = [list(range(100, 110)), list(range(200, 237)), [5, 6, 7]]
     core = EngineCore(llm.runner, llm.tokenizer, EngineConfig(max_batched_tokens=24, block_size=4))
-    assert core.cache.device.type == "cuda" and not core._flat
+    assert core.cache.device.type == "cuda" and not core.flat
     got: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         core.add_request(str(i), prompt, p)

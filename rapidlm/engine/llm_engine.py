@@ -17,7 +17,7 @@ from rapidlm.engine.kv_manager import KVCacheManager
 from rapidlm.engine.outputs import EngineOutput, EngineStats, TokenLogprob
 from rapidlm.engine.request import Sequence
 from rapidlm.engine.sampling import SamplingParams, SequenceSampler, sample_batch
-from rapidlm.engine.scheduler import SchedSeq, Scheduler, SchedulerConfig, SchedulerOutput
+from rapidlm.engine.scheduler import PrefillChunk, SchedSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from rapidlm.errors import ConfigError, PromptTooLongError
 from rapidlm.loading.tokenizer import Tokenizer
 from rapidlm.runtime.model_runner import ModelRunner
@@ -90,7 +90,7 @@ class EngineCore:
         self.cache = runner.allocate_paged(num_blocks, config.block_size, storage_dtype=storage)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self._flat = config.flat_steps and runner.flat_ok(self.cache)  # one forward per step (see _step_flat)
+        self.flat = config.flat_steps and runner.flat_ok(self.cache)  # one forward per step (see _step_flat)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens = self.generation_tokens = self.steps = 0
 
@@ -177,45 +177,33 @@ class EngineCore:
         if plan.empty:
             return []
         self.steps += 1
-        if self._flat and plan.prefill and (plan.decode or len(plan.prefill) > 1):
+        if self.flat and plan.prefill and (plan.decode or len(plan.prefill) > 1):
             if not any(self.requests[c.seq.request_id].prompt_lp is not None for c in plan.prefill):
                 return self._step_flat(plan)
         outputs: list[EngineOutput] = []
         if plan.decode:
-            reqs = [self.requests[s.request_id] for s in plan.decode]
             logits = self.runner.forward_paged(
                 self.cache,
                 [[s.token_ids[-1]] for s in plan.decode],
                 [len(s.token_ids) - 1 for s in plan.decode],
                 [s.blocks for s in plan.decode],
             )[:, -1]  # (B, V)
-            for s in plan.decode:
-                self.scheduler.on_computed(s, len(s.token_ids))
-            tokens = sample_batch(logits, [r.seq.sampler for r in reqs]).tolist()
-            lps = self._token_logprobs(logits, tokens, [r.logprobs for r in reqs])
-            outputs += [self._emit(r, t, lp) for r, t, lp in zip(reqs, tokens, lps)]
+            outputs += self._decoded(plan.decode, logits)
         for chunk in plan.prefill:
             req, s = self.requests[chunk.seq.request_id], chunk.seq
             want_prompt_lp = req.prompt_lp is not None and chunk.start < s.num_prompt_tokens
             logits = self.runner.forward_paged(
                 self.cache, [s.token_ids[chunk.start : chunk.end]], [chunk.start], [s.blocks], all_logits=want_prompt_lp
             )[0]  # (T or 1, V)
-            self.scheduler.on_computed(s, chunk.end)
-            if s.num_preemptions == 0:
-                self.prompt_tokens += chunk.end - chunk.start
             if want_prompt_lp:
                 self._fill_prompt_logprobs(req, logits, chunk.start, chunk.end)
-            if chunk.sample:
-                token = int(req.seq.sampler.sample(logits[-1]))
-                lp = self._token_logprobs(logits[-1:], [token], [req.logprobs])[0]
-                outputs.append(self._emit(req, token, lp))
+            outputs += self._prefilled(chunk, logits[-1:])
         return outputs
 
     def _step_flat(self, plan: SchedulerOutput) -> list[EngineOutput]:
         """The step as one forward: decode rows and prompt chunks laid end to end (vLLM v1's one flat batch per
         step), instead of a forward for the decode batch and one per chunk: each forward costs ~10 ms of fixed
         work on the CPU whatever its size. Same outputs as the separate forwards (ModelRunner.forward_flat)."""
-        reqs = [self.requests[s.request_id] for s in plan.decode]
         chunks = plan.prefill
         logits = self.runner.forward_flat(
             self.cache,
@@ -225,26 +213,35 @@ class EngineCore:
             n_decode=len(plan.decode),
             want_logits=[c.sample for c in chunks],
         )  # (B + sampled chunks, V)
-        outputs: list[EngineOutput] = []
-        B = len(reqs)
-        for s in plan.decode:
-            self.scheduler.on_computed(s, len(s.token_ids))
-        if B:
-            tokens = sample_batch(logits[:B], [r.seq.sampler for r in reqs]).tolist()
-            lps = self._token_logprobs(logits[:B], tokens, [r.logprobs for r in reqs])
-            outputs += [self._emit(r, t, lp) for r, t, lp in zip(reqs, tokens, lps)]
+        B = len(plan.decode)
+        outputs = self._decoded(plan.decode, logits[:B]) if B else []
         row = B
         for chunk in chunks:
-            req, s = self.requests[chunk.seq.request_id], chunk.seq
-            self.scheduler.on_computed(s, chunk.end)
-            if s.num_preemptions == 0:
-                self.prompt_tokens += chunk.end - chunk.start
-            if chunk.sample:
-                token = int(req.seq.sampler.sample(logits[row]))
-                lp = self._token_logprobs(logits[row : row + 1], [token], [req.logprobs])[0]
-                outputs.append(self._emit(req, token, lp))
-                row += 1
+            outputs += self._prefilled(chunk, logits[row : row + 1])
+            row += chunk.sample
         return outputs
+
+    def _decoded(self, seqs: list[SchedSeq], logits: torch.Tensor) -> list[EngineOutput]:
+        """After a forward: the decoding sequences' next tokens from their logits (B, V)."""
+        reqs = [self.requests[s.request_id] for s in seqs]
+        for s in seqs:
+            self.scheduler.on_computed(s, len(s.token_ids))
+        tokens = sample_batch(logits, [r.seq.sampler for r in reqs]).tolist()
+        lps = self._token_logprobs(logits, tokens, [r.logprobs for r in reqs])
+        return [self._emit(r, t, lp) for r, t, lp in zip(reqs, tokens, lps)]
+
+    def _prefilled(self, chunk: PrefillChunk, last: torch.Tensor) -> list[EngineOutput]:
+        """After a forward: a prompt chunk is in the cache; one that ends its prompt samples the first token from
+        `last`, the logits of its last position (1, V)."""
+        req, s = self.requests[chunk.seq.request_id], chunk.seq
+        self.scheduler.on_computed(s, chunk.end)
+        if s.num_preemptions == 0:
+            self.prompt_tokens += chunk.end - chunk.start
+        if not chunk.sample:
+            return []
+        token = int(req.seq.sampler.sample(last[0]))
+        lp = self._token_logprobs(last, [token], [req.logprobs])[0]
+        return [self._emit(req, token, lp)]
 
     def stats(self) -> EngineStats:
         return EngineStats(

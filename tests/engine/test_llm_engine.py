@@ -187,7 +187,7 @@ def test_flat_steps_give_the_outputs_of_separate_forwards(tmp_path):
     runs = {}
     for flat in (True, False):
         core = EngineCore(llm.runner, llm.tokenizer, EngineConfig(max_batched_tokens=64, block_size=4, flat_steps=flat))
-        assert core._flat is flat
+        assert core.flat is flat
         reqs = [(str(i), p, params, 3) for i, p in enumerate(prompts)]  # logprobs: 3 alternatives
         runs[flat] = run_all(core, reqs, steps_between=1)
         assert core.kv.num_used == 0
