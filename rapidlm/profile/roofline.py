@@ -477,10 +477,10 @@ def measure_attention_us(batch: int, heads: int, kv_heads: int, head_dim: int, k
     """Microseconds of one layer's attention as rapidlm runs it over its dense cache (a decode token: the fused
     decode kernel where it is available on the CPU; prompt tokens: SDPA over the cache's first kv_len slots),
     calls rotating over `layers` layers' caches as a step does. Median of 7 quiet passes."""
-    from rapidlm.runtime.paged_kv import _decode_kernel
+    from rapidlm.runtime.paged_kv import decode_kernel_for
 
     tdt = getattr(torch, dtype)
-    kernel = _decode_kernel(torch.device("cpu"), tdt, tdt) if q_len == 1 else None
+    kernel = decode_kernel_for(torch.device("cpu"), tdt, tdt) if q_len == 1 else None
     if kernel is not None:
         inputs = [_kernel_inputs(batch, heads, kv_heads, head_dim, kv_len, kv_len + 64) for _ in range(layers)]
     else:

@@ -13,7 +13,7 @@ import torch
 from rapidlm.compress.primitives import quantize_per_token_int8
 from rapidlm.config import ModelConfig
 from rapidlm.runtime.attention import CacheAttention
-from rapidlm.runtime.paged_kv import DecodeKernel, _decode_kernel
+from rapidlm.runtime.paged_kv import DecodeKernel, decode_kernel_for
 
 
 class _StepIndex:
@@ -146,7 +146,7 @@ class StaticKVCache:
         # the fused decode kernel where it serves this cache (CPU, fp32 or bf16 storage): see LayerKV. CUDA decode
         # runs CUDA graphs or SDPA; its Triton kernel serves the paged cache.
         on_cpu = torch.device(device).type == "cpu"
-        self.kernel = _decode_kernel(torch.device(device), dtype, dtype) if on_cpu and not int8 else None
+        self.kernel = decode_kernel_for(torch.device(device), dtype, dtype) if on_cpu and not int8 else None
 
     @property
     def nbytes(self) -> int:

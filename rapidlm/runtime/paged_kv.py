@@ -25,7 +25,7 @@ from rapidlm.runtime.attention import CacheAttention
 DecodeKernel = Callable[..., torch.Tensor]  # (q (B,nh,hd), k_pool, v_pool, tables, seq_lens, scale, window)
 
 
-def _decode_kernel(device: torch.device, dtype: torch.dtype, storage_dtype: torch.dtype) -> DecodeKernel | None:
+def decode_kernel_for(device: torch.device, dtype: torch.dtype, storage_dtype: torch.dtype) -> DecodeKernel | None:
     """The fused paged-attention decode kernel for this device and these dtypes, or None to gather blocks and run
     SDPA. The CPU kernel takes fp32 queries and fp32 or bf16 pools."""
     try:
@@ -140,7 +140,7 @@ class PagedKVCache:
         else:
             self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
         self.window = cfg.sliding_window or 0
-        self.kernel = _decode_kernel(device, dtype, self.storage_dtype) if use_kernel else None
+        self.kernel = decode_kernel_for(device, dtype, self.storage_dtype) if use_kernel else None
         # Prefill through the decode kernel too (a row per query token): on the CPU it is ~5x faster than gathering
         # the blocks and running SDPA with a mask at prompt-chunk sizes (e.g. 150 tokens: ~5 vs ~25 ms a forward
         # on SmolLM2-135M). Not on CUDA, where the decode kernel's one-program-per-row grid is not meant for it.
@@ -160,7 +160,9 @@ class PagedKVCache:
         positions: torch.Tensor,  # (B, T) on the device: where this step's tokens go
         seq_lens: list[int],  # per row, tokens it attends to after this step (= last position + 1)
     ) -> list[PagedLayerKV]:
-        B = len(block_tables)
+        B, T = positions.shape
+        if T > 1 and self.flat_ok:  # prompt chunks: one kernel row per query token (see layers_flat)
+            return self.layers_flat(block_tables, [T] * B, positions.reshape(-1))
         nb = max(len(t) for t in block_tables)
         padded = [t + [0] * (nb - len(t)) for t in block_tables]  # block 0 is masked out / never read
         tables = torch.tensor(padded, dtype=torch.long, device=self.device)  # (B, nb)
@@ -168,14 +170,9 @@ class PagedKVCache:
         rows = torch.arange(B, device=self.device)[:, None]
         slots = (tables[rows, positions // bs] * bs + positions % bs).reshape(-1)  # (B*T,)
         lens = None
-        T = positions.shape[1]
         if self.kernel is not None and T == 1:
             lens = torch.tensor(seq_lens, dtype=torch.int32, device=self.device)
             tables = tables.to(torch.int32)
-        elif self.kernel is not None and self.kernel_prefill:
-            # one kernel row per query token: its sequence's table, and its own position + 1 as the length
-            lens = (positions + 1).reshape(-1).to(torch.int32)  # (B*T,)
-            tables = tables.to(torch.int32).repeat_interleave(T, dim=0)  # (B*T, nb)
         return [PagedLayerKV(k, v, slots, tables, lens, self.kernel, self.window, self.dtype) for k, v in self.data]
 
     @property
