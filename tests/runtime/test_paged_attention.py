@@ -181,6 +181,34 @@ def test_rows_do_not_depend_on_the_batch_or_threads(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_prompt_chunk_rows_equal_rows_alone_on_any_thread_count(dtype):
+    """A prompt chunk as the engine sends it (one row per query token, lengths 1..n over one table) after decode rows:
+    the work is cut by cost, so threads get uneven row counts; every row still gets the bits it gets alone."""
+    n, decode = 70, 5
+    q, kp, vp, tables, lens, scale = make_case([n] + [40, 90, 3, 17, 60], 9, 3, 64, seed=11, dtype=dtype)
+    rows = torch.cat([tables[1:], tables[:1].expand(n, -1)])  # (decode + n, max_blocks)
+    row_lens = torch.cat([lens[1:], torch.arange(1, n + 1, dtype=torch.int32)])
+    qs = torch.randn(decode + n, 9, 64, generator=torch.Generator().manual_seed(3))
+    together = paged_attention_decode(qs, kp, vp, rows, row_lens, scale)
+    alone = torch.cat(
+        [
+            paged_attention_decode(qs[b : b + 1], kp, vp, rows[b : b + 1], row_lens[b : b + 1], scale)
+            for b in range(decode + n)
+        ]
+    )
+    assert torch.equal(together, alone)
+    assert_matches_reference(together, (qs, kp, vp, rows, row_lens, scale))
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(paged_attention_decode(qs, kp, vp, rows, row_lens, scale), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_strided_query_is_accepted():
     q, kp, vp, tables, lens, scale = make_case([10, 40], 8, 2, 64)
     q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous

@@ -388,6 +388,13 @@ void attend(const Work<T>& w, const Shapes& s, const TileFns<T>* fns, const std:
 }
 
 // The parallel loop of `decode` for pools of element type T, after every check.
+//
+// Work is split over the B * nkv (sequence, kv head) pairs, b-major, into one contiguous range per thread of about
+// equal cost (a pair costs its window's length, + 1), not of equal pair counts: a prompt chunk's rows (one per
+// query token, see rapidlm/runtime/paged_kv.py) attend to 1 .. n positions, and equal counts left the thread with
+// the chunk's first half idle for most of the call (a 200-token chunk: 1.0 -> 0.7 ms per layer). A range is walked
+// in pieces, one sequence's kv heads [g0, g1) each, and each piece runs as one Work. Which thread computes a row never
+// changes its arithmetic.
 template <typename T>
 void run(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64_t max_blocks,
          const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t max_n, int64_t total_n,
@@ -398,24 +405,44 @@ void run(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64
   const float* pq = q.data_ptr<float>();
   float* po = out.data_ptr<float>();
 
+  // Cost-balanced cut points over the pairs: parts of at least kMinTaskWork multiply-adds, one per thread at most.
   const int64_t pairs = B * nkv;
-  const int64_t work_per_pair = std::max<int64_t>(1, total_n * 2 * nh * hd / pairs);
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / work_per_pair);
-  // Tasks are contiguous ranges of (sequence, kv head) pairs, b-major; a range is cut at sequence boundaries and
-  // each piece (one sequence's kv heads [g0, g1)) runs as one Work.
-  at::parallel_for(0, pairs, grain, [&](int64_t i0, int64_t i1) {
-    const int64_t max_heads = std::min(i1 - i0, nkv) * s.G;
-    std::vector<float> scratch(max_heads * (max_n + hd + 1));
-    float* scores = scratch.data();
-    float* acc = scores + max_heads * max_n;
-    float* sums = acc + max_heads * hd;
-    for (int64_t i = i0; i < i1;) {
-      const int64_t b = i / nkv, g0 = i % nkv, g1 = std::min(nkv, g0 + (i1 - i));
-      const int64_t head0 = b * nh + g0 * s.G;  // first query head of the piece, as a row of q / out
-      const Work<T> w{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
-                      po + head0 * hd};
-      attend(w, s, fns, tiles, scores, acc, sums);
-      i += g1 - g0;
+  const int64_t pair_weight = 2 * s.G * hd;  // multiply-adds per position of a pair
+  const int64_t total_cost = total_n + B;      // + 1 per row: a row of length 0 still costs its call
+  const int64_t parts = std::clamp<int64_t>(total_n * nkv * pair_weight / kMinTaskWork, 1,
+                                            std::min<int64_t>(at::get_num_threads(), pairs));
+  std::vector<int64_t> cuts(parts + 1, pairs);
+  cuts[0] = 0;
+  {
+    int64_t acc_cost = 0, part = 1;
+    for (int64_t b = 0; b < B && part < parts; ++b) {
+      const int64_t c = ends[b] - starts[b] + 1;
+      for (int64_t g = 0; g < nkv && part < parts; ++g) {
+        // after this pair the running cost (per kv head) has passed part / parts of the total: cut behind it
+        acc_cost += c;
+        while (part < parts && acc_cost * parts >= part * total_cost * nkv) cuts[part++] = b * nkv + g + 1;
+      }
+    }
+  }
+
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) {
+      const int64_t i0 = cuts[part], i1 = cuts[part + 1];
+      if (i0 >= i1) continue;
+      const int64_t max_heads = std::min(i1 - i0, nkv) * s.G;
+      std::vector<float> scratch(max_heads * (max_n + hd + 1));
+      float* scores = scratch.data();
+      float* acc = scores + max_heads * max_n;
+      float* sums = acc + max_heads * hd;
+      for (int64_t i = i0; i < i1;) {
+        const int64_t b = i / nkv, g0 = i % nkv;
+        const int64_t g1 = std::min(nkv, g0 + (i1 - i));
+        const int64_t head0 = b * nh + g0 * s.G;  // first query head of the piece, as a row of q / out
+        const Work<T> w{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
+                        po + head0 * hd};
+        attend(w, s, fns, tiles, scores, acc, sums);
+        i += g1 - g0;
+      }
     }
   });
 }
