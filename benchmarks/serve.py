@@ -12,7 +12,7 @@ Method
   default ends a running stream as soon as another request arrives, which would cut concurrent streams short.
 * For each concurrency C: a closed loop of C clients (asyncio + httpx, one connection each), each sending
   `--rounds` streamed completions one after another (or until `--phase-timeout` passes). rapidlm runs every
-  concurrency in `--passes` passes, the order reversed in every other pass (1 4 16 32 32 16 4 1 for two), and
+  concurrency in `--passes` passes (4), the order reversed in every other pass (1 4 16 32 32 16 4 1 ...), and
   each figure pools its passes (tokens / summed wall time; percentiles over every request): this shared
   machine's speed drifts by up to ~30% over minutes, and a phase that runs once, short, at one end of the run
   can land in a fast or a slow stretch. Symmetric passes cancel a steady drift; the table shows each pass's
@@ -465,7 +465,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads for each server (default: %(default)s)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32], help="streams (default: 1 4 16 32)")
     p.add_argument("--rounds", type=int, default=3, help="requests per client per phase (default: %(default)s)")
-    p.add_argument("--passes", type=int, default=2, help="rapidlm passes over the concurrencies, every other one "
+    # 4 passes: the same 16-stream phase measured 235-320 tok/s within half an hour on this shared 2-core machine
+    # (and a single stream 62-68), so two passes still left the 16/1 ratio at the mercy of one slow stretch.
+    p.add_argument("--passes", type=int, default=4, help="rapidlm passes over the concurrencies, every other one "
                    "in reverse order, pooled (default: %(default)s)")  # fmt: skip
     # 128 new tokens: the output length vLLM's serving benchmark uses by default. Prefill of the 100-200-token
     # prompt is compute-bound and gains nothing from batching, so shorter outputs cap what batching can show.
