@@ -81,7 +81,7 @@ class TextCutter:
         self.tok = Tokenizer.from_gguf_metadata(open_gguf(model_path).metadata, str(model_path))
         lines = text_path.read_text(encoding="utf-8").splitlines()
         text = "\n".join(s.strip() for s in lines if s.strip() and not s.strip().startswith("="))
-        # All of it (~250k tokens): 4 passes over 1 4 16 32 streams take ~100k, and no prompt may repeat in a run
+        # All of it (~267k tokens): 4 passes over 1 4 16 32 streams take ~100k, and no prompt may repeat in a run
         self.ids = self.tok.encode(text, add_special_tokens=False)
         self.pos = 0
 
