@@ -10,7 +10,7 @@ Method
   OMP_NUM_THREADS). llama-cpp-python's server generates for one request at a time (a lock around its one
   `Llama`; the others wait, so their TTFT includes the wait) and runs with `--interrupt_requests False`: its
   default ends a running stream as soon as another request arrives, which would cut concurrent streams short.
-* For each concurrency C: a closed loop of C clients (asyncio + httpx, one connection each), each sending
+* For each concurrency C: a closed loop of C clients (asyncio + aiohttp, one connection each), each sending
   `--rounds` streamed completions one after another (or until `--phase-timeout` passes). rapidlm runs every
   concurrency in `--passes` passes (4), the order reversed in every other pass (1 4 16 32 32 16 4 1 ...), and
   each figure pools its passes (tokens / summed wall time; percentiles over every request): this shared
@@ -26,7 +26,10 @@ Method
   (rapidlm) or the content chunks (llama.cpp streams no usage). Throughput: all generated tokens / the phase's
   wall time (first send to last byte). Percentiles interpolate linearly.
 * The client shares the CPU with the server: its own CPU time is shown ("client cores"), and so is every other
-  process's ("other cores", from /proc/stat less server and client); well above 0 means a disturbed run.
+  process's ("other cores", from /proc/stat less server and client); well above 0 means a disturbed run. aiohttp
+  (C HTTP parser) is the load's client: httpx (`--client httpx`, the default before 2026-11-27 18:11 UTC) used
+  ~0.06 cores at 16 streams and ~0.04 at one, aiohttp ~0.02 at both (rapidlm's throughput unchanged within this
+  machine's noise: 314.6 / 329.7 tok/s at 16 streams with httpx, 316.0 / 326.0 with aiohttp, alternated).
 * Shared system prompt (rapidlm's chat endpoint): `--prefix-requests` chats at concurrency `--prefix-concurrency`
   with distinct ~`--system-tokens`-token system prompts, then the same chats all with one shared system prompt
   (its warm-up request has put it in the cache); TTFT of each and the prefix-cache counter deltas of /metrics.
@@ -50,6 +53,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,29 +166,60 @@ async def metrics(client: httpx.AsyncClient, base: str) -> dict[str, float]:
 # ---- the load -----------------------------------------------------------------------------------------------
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """One streamed request: TTFT, the gaps between content chunks, tokens (usage, else chunks)."""
-    times: list[float] = []
-    usage: dict[str, Any] = {}
+class _Events:
+    """Parses one response's server-sent events as they arrive: content chunk times, usage, the first error."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.usage: dict[str, Any] = {}
+        self.error: str | None = None
+
+    def line(self, line: str) -> bool:
+        """Takes one line; False once the stream is over ([DONE] or an error)."""
+        if not line.startswith("data:"):
+            return True  # blank separators, ": ping" comments
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return False
+        chunk = json.loads(data)
+        if "error" in chunk:
+            self.error = str(chunk["error"])[:200]
+            return False
+        self.usage = chunk.get("usage") or self.usage
+        if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+            self.times.append(time.perf_counter())
+        return True
+
+
+async def stream_one(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed request: TTFT, the gaps between content chunks, tokens (usage, else chunks). `client` is an
+    aiohttp.ClientSession (the load: its C HTTP parser costs this shared machine less CPU per chunk) or an
+    httpx.AsyncClient (`--client httpx`)."""
+    ev = _Events()
     start = time.perf_counter()
-    try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, ": ping" comments
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    return {"error": str(chunk["error"])[:200]}
-                usage = chunk.get("usage") or usage
-                if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
-                    times.append(time.perf_counter())
-    except httpx.HTTPError as e:
-        return {"error": f"{type(e).__name__}: {e}"}
+    if isinstance(client, httpx.AsyncClient):
+        try:
+            async with client.stream("POST", url, json=body) as r:
+                if r.status_code != 200:
+                    return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"}
+                async for line in r.aiter_lines():
+                    if not ev.line(line):
+                        break
+        except httpx.HTTPError as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+    else:
+        try:
+            async with client.post(url, json=body) as r:
+                if r.status != 200:
+                    return {"error": f"HTTP {r.status}: {(await r.read())[:200].decode(errors='replace')}"}
+                async for raw in r.content:  # one line at a time, its newline kept
+                    if not ev.line(raw.decode()):
+                        break
+        except (TimeoutError, aiohttp.ClientError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+    if ev.error is not None:
+        return {"error": ev.error}
+    times, usage = ev.times, ev.usage
     if not times:
         return {"error": "no content"}
     return {
@@ -195,6 +230,19 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
         "prompt_tokens": usage.get("prompt_tokens"),
         "end": time.perf_counter(),
     }
+
+
+LOAD_CLIENT = "aiohttp"  # --client
+
+
+def load_client(cap_s: float) -> Any:
+    """A one-connection HTTP client for one simulated user, of the kind --client names."""
+    if LOAD_CLIENT == "httpx":
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        return httpx.AsyncClient(timeout=httpx.Timeout(cap_s + 60, connect=10), limits=limits)
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=cap_s + 60, connect=10), connector=aiohttp.TCPConnector(limit=1)
+    )
 
 
 async def run_phase(
@@ -211,8 +259,7 @@ async def run_phase(
     deadline = time.monotonic() + cap_s
 
     async def client_loop(bodies: list[dict[str, Any]]) -> None:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        async with load_client(cap_s) as client:  # one connection per client
             for body in bodies:
                 if time.monotonic() > deadline:
                     break
@@ -478,6 +525,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rapidlm-args", default="", help='extra `rapidlm serve` args, e.g. "--quant w8a8"')
     p.add_argument("--llama-cpp-python", type=Path, default=REPO / ".bench-venv" / "bin" / "python",
                    help="python with llama-cpp-python[server] (default: .bench-venv)")  # fmt: skip
+    p.add_argument("--client", choices=["aiohttp", "httpx"], default=LOAD_CLIENT,
+                   help="the load generator's HTTP client (default: %(default)s, the lighter on CPU)")  # fmt: skip
     p.add_argument("--skip-llama-cpp", action="store_true", help="benchmark rapidlm only")
     p.add_argument("--skip-rapidlm", action="store_true", help="benchmark llama.cpp only")
     p.add_argument("--skip-prefix", action="store_true", help="leave out the shared-system-prompt experiment")
@@ -494,7 +543,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global LOAD_CLIENT
     args = parse_args(argv)
+    LOAD_CLIENT = args.client
     from rapidlm.loading import resolve_model
 
     model_path = resolve_model(args.model)
