@@ -11,8 +11,8 @@
 // per thread (see run); a range is walked in pieces, and a piece (one sequence's kv heads [g0, g1)) walks the
 // sequence's block table one block at a time (one division per sequence, none per token), all of its kv heads
 // within a block before the next block (prefetching keys and values ahead, see attend): a block's rows are streamed
-// from memory together, and each key/value row slice is used by all G = nh / nkv query heads of its group while in L1 (the gather + SDPA
-// path copies every block first, then reads the copy). Per piece:
+// from memory together, and each key/value row slice is used by all G = nh / nkv query heads of its group while in
+// L1 (the gather + SDPA path copies every block first, then reads the copy). Per piece:
 //   1. scores s[h][i] = scale * q_h . k_i over the window's positions;
 //   2. p[h][i] = exp(s[h][i] - max_i s[h][i]) (vectorized) and sum_h = sum_i p[h][i];
 //   3. acc[h] = sum_i p[h][i] * v_i, out_h = acc[h] / sum_h.
