@@ -80,10 +80,9 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
-// Calls fn(i0, row0, count, next_row0, j) for each run of consecutive positions of [start, end) that lie in one
-// block: i0 = first position - start, row0 = its pool row (block * bs + offset), count = run length, next_row0 =
-// the first pool row of the next block (-1 after the last), j = the block's index in the table. One division per
-// sequence, none per token.
+// Calls fn(i0, row0, count, j) for each run of consecutive positions of [start, end) that lie in one block:
+// i0 = first position - start, row0 = its pool row (block * bs + offset), count = run length, j = the block's index
+// in the table. One division per sequence, none per token.
 template <typename Fn>
 inline void for_each_run(const int32_t* table, int64_t bs, int64_t start, int64_t end, Fn&& fn) {
   if (start >= end) return;
@@ -91,8 +90,7 @@ inline void for_each_run(const int32_t* table, int64_t bs, int64_t start, int64_
   int64_t off = start - blk * bs;
   for (int64_t p = start; p < end; ++blk, off = 0) {
     const int64_t count = std::min(end - p, bs - off);
-    const int64_t next = p + count < end ? static_cast<int64_t>(table[blk + 1]) * bs : -1;
-    fn(p - start, static_cast<int64_t>(table[blk]) * bs + off, count, next, blk);
+    fn(p - start, static_cast<int64_t>(table[blk]) * bs + off, count, blk);
     p += count;
   }
 }
@@ -368,10 +366,10 @@ void attend(const Work<T>& w, const Shapes& s, const TileFns<T>* fns, const std:
   };
   prefetch_rows(block_rows(w.vp, w.start / s.bs), s.bs, stride, row_len);
   // 1. scores s[h][i] = scale * q_h . k_i
-  for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t next, int64_t blk) {
-    if (next >= 0) {
-      prefetch_rows(w.kp + next * stride, s.bs, stride, row_len);
-      prefetch_rows(w.vp + next * stride, s.bs, stride, row_len);
+  for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t blk) {
+    if (blk + 1 <= last_blk) {
+      prefetch_rows(block_rows(w.kp, blk + 1), s.bs, stride, row_len);
+      prefetch_rows(block_rows(w.vp, blk + 1), s.bs, stride, row_len);
     }
     if (blk + 2 <= last_blk) prefetch_rows(block_rows(w.kp, blk + 2), s.bs, stride, row_len);
     for (int64_t j = 0; j < w.kv_heads; ++j) {
@@ -390,7 +388,7 @@ void attend(const Work<T>& w, const Shapes& s, const TileFns<T>* fns, const std:
   for (int64_t h = 0; h < heads; ++h) sums[h] = softmax_numerators(scores + h * n, n);
   std::fill(acc, acc + heads * hd, 0.f);
   // 3. acc[h] = sum_i p[h][i] * v_i
-  for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t, int64_t) {
+  for_each_run(w.table, s.bs, w.start, w.end, [&](int64_t i0, int64_t row0, int64_t count, int64_t) {
     for (int64_t j = 0; j < w.kv_heads; ++j) {
       const T* v = w.vp + row0 * stride + j * hd;
       const float* p = scores + j * G * n + i0;
