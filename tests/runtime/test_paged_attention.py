@@ -180,32 +180,64 @@ def test_rows_do_not_depend_on_the_batch_or_threads(dtype):
         torch.set_num_threads(threads)
 
 
+def chunk_rows(tables: torch.Tensor, lens: torch.Tensor, seq: int, first: int, count: int):
+    """The rows the engine sends for a prompt chunk of sequence `seq`: positions first .. first + count - 1, one row
+    each, with the sequence's table and length position + 1."""
+    return tables[seq : seq + 1].expand(count, -1), torch.arange(first + 1, first + count + 1, dtype=torch.int32)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_prompt_chunk_rows_equal_rows_alone_on_any_thread_count(dtype):
-    """A prompt chunk as the engine sends it (one row per query token, lengths 1..n over one table) after decode rows:
-    the work is cut by cost, so threads get uneven row counts; every row still gets the bits it gets alone."""
-    n, decode = 70, 5
-    q, kp, vp, tables, lens, scale = make_case([n] + [40, 90, 3, 17, 60], 9, 3, 64, seed=11, dtype=dtype)
-    rows = torch.cat([tables[1:], tables[:1].expand(n, -1)])  # (decode + n, max_blocks)
-    row_lens = torch.cat([lens[1:], torch.arange(1, n + 1, dtype=torch.int32)])
-    qs = torch.randn(decode + n, 9, 64, generator=torch.Generator().manual_seed(3))
-    together = paged_attention_decode(qs, kp, vp, rows, row_lens, scale)
-    alone = torch.cat(
-        [
-            paged_attention_decode(qs[b : b + 1], kp, vp, rows[b : b + 1], row_lens[b : b + 1], scale)
-            for b in range(decode + n)
-        ]
-    )
-    assert torch.equal(together, alone)
-    assert_matches_reference(together, (qs, kp, vp, rows, row_lens, scale))
+def test_prompt_chunk_rows_do_not_depend_on_the_batch_or_threads(dtype):
+    """A prompt chunk as the engine sends it (one row per query token over one table), alone, after decode rows or
+    beside another chunk, on any number of threads: the same bits for each row. Chunks of 12+ rows run as tiles of
+    16 (row, head) pairs (several tiles per kv head here, the last one partial); shorter ones row by row."""
+    q, kp, vp, tables, lens, scale = make_case([300, 40, 90, 3, 17, 60, 120], 9, 3, 64, seed=11, dtype=dtype)
+    pieces = {  # name: (tables, lengths) of its rows
+        "decode": (tables[1:6], lens[1:6]),
+        "chunk": chunk_rows(tables, lens, 0, 230, 70),  # positions 230..299 of sequence 0
+        "other": chunk_rows(tables, lens, 6, 100, 20),  # positions 100..119 of sequence 6
+        "short": chunk_rows(tables, lens, 6, 0, 3),  # 3 rows: the row-by-row path
+    }
+    gen = torch.Generator().manual_seed(3)
+    qs = {k: torch.randn(len(t), 9, 64, generator=gen) for k, (t, _) in pieces.items()}
+    alone = {k: paged_attention_decode(qs[k], kp, vp, t, n, scale) for k, (t, n) in pieces.items()}
+    for k, (t, n) in pieces.items():
+        assert_matches_reference(alone[k], (qs[k], kp, vp, t, n, scale))
+    order = ["decode", "chunk", "short", "other"]
+    rows = torch.cat([pieces[k][0] for k in order])
+    row_lens = torch.cat([pieces[k][1] for k in order])
+    q_all = torch.cat([qs[k] for k in order])
+    expected = torch.cat([alone[k] for k in order])
     threads = torch.get_num_threads()
     try:
-        for t in (1, 3):
+        for t in (threads, 1, 3):
             torch.set_num_threads(t)
-            assert torch.equal(paged_attention_decode(qs, kp, vp, rows, row_lens, scale), together)
+            assert torch.equal(paged_attention_decode(q_all, kp, vp, rows, row_lens, scale), expected)
     finally:
         torch.set_num_threads(threads)
+    # rows of chunks under 12 rows get the bits they get alone, one by one
+    short = torch.cat(
+        [
+            paged_attention_decode(qs["short"][i : i + 1], kp, vp, *chunk_rows(tables, lens, 6, i, 1), scale)
+            for i in range(3)
+        ]
+    )
+    assert torch.equal(alone["short"], short)
+
+
+@needs_kernel
+@pytest.mark.parametrize("count", [12, 13, 33, 200])
+@pytest.mark.parametrize("first", [0, 7, 250])
+@pytest.mark.parametrize("nh,nkv,hd,bs", [(9, 3, 64, 16), (32, 8, 128, 16), (4, 1, 64, 8)])
+def test_prompt_chunks_of_any_size_match_the_reference(count, first, nh, nkv, hd, bs):
+    """Tiles cut at any row and head (G = 3 heads per kv head: 16-lane tiles straddle rows), chunks starting at
+    position 0, inside a block and after many blocks, partial last tiles, other head dims and block sizes."""
+    n = first + count
+    q, kp, vp, tables, lens, scale = make_case([n], nh, nkv, hd, seed=count + first, bs=bs, dtype=BF16)
+    t, row_lens = chunk_rows(tables, lens, 0, first, count)
+    qs = torch.randn(count, nh, hd, generator=torch.Generator().manual_seed(1))
+    assert_matches_reference(paged_attention_decode(qs, kp, vp, t, row_lens, scale), (qs, kp, vp, t, row_lens, scale))
 
 
 @needs_kernel

@@ -33,6 +33,11 @@ def build_and_load(prefix: str, source: Path, verbose: bool = False) -> None:
     from torch.utils.cpp_extension import load
 
     cflags = ["-O3", "-march=native"]
+    # torch rebuilds when the source or the flags change; headers beside it (included by the source) go into the
+    # flags as a digest, so editing one rebuilds too.
+    headers = sorted(source.parent.glob("*.h"))
+    if headers:
+        cflags.append("-DRAPIDLM_HEADERS_SHA1=" + hashlib.sha1(b"".join(h.read_bytes() for h in headers)).hexdigest())
     if _openmp_backend():
         # at::parallel_for is inline OpenMP when ATen's backend is OpenMP. Only compile with -fopenmp: the GOMP
         # symbols then resolve to the runtime torch has loaded, never a second one.

@@ -28,42 +28,16 @@
 // (hd 64 and 128 are), steps 1 and 3 run register-tiled kernels: a tile of GT query heads keeps q (step 1) or its
 // output accumulators (step 3) in registers across a block's rows, and step 1 finishes four rows' dot products
 // with shared shuffles. Other head dims run plain loops over heads, with one masked partial vector per row.
+//
+// Prompt chunks arrive as one row per query token (consecutive rows of one sequence, lengths L, L + 1, ...). Runs
+// of 12 or more such rows run in paged_chunks.h instead (with AVX512 and hd a multiple of 16), as tiles of 16
+// (row, head) pairs against keys and values widened once: up to ~2x faster (paged_chunks.h has the numbers). Its
+// bits differ from the row-by-row path's (another summation order); a row's path depends only on its own chunk.
 
-// at::vec picks its implementation from CPU_CAPABILITY_* macros that only ATen's own build defines. This file is
-// compiled with -march=native, so select the widest one the compiler was told it may use (and an inline namespace
-// of our own, so no symbol can clash with ATen's copies of the same inline functions).
-#if defined(__x86_64__) || defined(_M_X64)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY_AVX2 1
-#endif
-#endif
-#ifndef CPU_CAPABILITY
-#define CPU_CAPABILITY rapidlm_paged_native
-#endif
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <string>
-#include <utility>
-#include <vector>
+#include "paged_chunks.h"
+#include "paged_common.h"
 
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
-
-// Threads get at least this many multiply-adds each (scores + weighted sums): a parallel region costs a few
-// microseconds, more than a short sequence's attention.
-constexpr int64_t kMinTaskWork = 1 << 15;
 
 // The register-tiled path holds a tile of GT query heads x NV vectors (hd = NV * kW) in registers: q while scoring,
 // the output accumulators while summing values. kAccRegs bounds GT * NV so that fits the register file.
@@ -75,68 +49,6 @@ constexpr int kRegs = 32;
 constexpr int kAccRegs = 12;  // of 16 ymm
 constexpr int kRegs = 16;
 #endif
-
-inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-
-// Calls fn(i0, row0, count, j) for each run of consecutive positions of [start, end) that lie in one block:
-// i0 = first position - start, row0 = its pool row (block * bs + offset), count = run length, j = the block's index
-// in the table. One division per sequence, none per token.
-template <typename Fn>
-inline void for_each_run(const int32_t* table, int64_t bs, int64_t start, int64_t end, Fn&& fn) {
-  if (start >= end) return;
-  int64_t blk = start / bs;
-  int64_t off = start - blk * bs;
-  for (int64_t p = start; p < end; ++blk, off = 0) {
-    const int64_t count = std::min(end - p, bs - off);
-    fn(p - start, static_cast<int64_t>(table[blk]) * bs + off, count, blk);
-    p += count;
-  }
-}
-
-// Asks for `rows` rows of `len` elements (`stride` apart) to be brought towards the core (into L2: prefetcht2), one
-// request per cache line. The next block is random in the pool, so the hardware prefetchers cannot guess it; see
-// attend for what is asked for when.
-template <typename T>
-inline void prefetch_rows(const T* p, int64_t rows, int64_t stride, int64_t len) {
-#if defined(__GNUC__)
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < len; i += kLine) __builtin_prefetch(p + r * stride + i, 0, 1);
-#endif
-}
-
-// Pool rows as fp32 vectors: load(p) reads kW elements, load(p, count) the first count (the rest zero). fp32 rows
-// are loaded as they are; bf16 rows are widened in registers (zero-extend each 16-bit lane to 32 bits, shift left
-// 16: exact).
-inline Vec load(const float* p) { return Vec::loadu(p); }
-inline Vec load(const float* p, int count) { return Vec::loadu(p, count); }
-
-inline Vec load(const at::BFloat16* p) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-#else
-  float buf[kW];
-  for (int64_t i = 0; i < kW; ++i) buf[i] = static_cast<float>(p[i]);
-  return Vec::loadu(buf);
-#endif
-}
-
-inline Vec load(const at::BFloat16* p, int count) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-#else
-  float buf[kW] = {};
-  for (int i = 0; i < count; ++i) buf[i] = static_cast<float>(p[i]);
-  return Vec::loadu(buf);
-#endif
-}
 
 // One task: sequence b's kv heads [g0, g1) and their query heads. T: the pool's element type (float, BFloat16).
 template <typename T>
@@ -150,10 +62,6 @@ struct Work {
   float* out;          // the task's output rows, like q
 };
 
-struct Shapes {
-  int64_t G, hd, bs, stride;  // heads per group, head dim, block size, elements between pool rows (nkv * hd)
-  float scale;
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Register-tiled kernels: hd = NV * kW, GT query heads at a time.
@@ -415,6 +323,7 @@ void attend(const Work<T>& w, const Shapes& s, const TileFns<T>* fns, const std:
   }
 }
 
+
 // The parallel loop of `decode` for pools of element type T, after every check.
 //
 // Work is split over the B * nkv (sequence, kv head) pairs, b-major, into one contiguous range per thread of about
@@ -425,9 +334,15 @@ void attend(const Work<T>& w, const Shapes& s, const TileFns<T>* fns, const std:
 // changes its arithmetic.
 template <typename T>
 void run(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64_t max_blocks,
-         const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, int64_t max_n, int64_t total_n,
+         const std::vector<int64_t>& rows, const std::vector<int64_t>& starts, const std::vector<int64_t>& ends,
          int64_t nkv, const Shapes& s, at::Tensor& out) {
-  const int64_t B = q.size(0), nh = q.size(1), hd = q.size(2);
+  const int64_t B = static_cast<int64_t>(rows.size()), nh = q.size(1), hd = q.size(2);
+  if (B == 0) return;
+  int64_t max_n = 0, total_n = 0;
+  for (const int64_t b : rows) {
+    max_n = std::max(max_n, ends[b] - starts[b]);
+    total_n += ends[b] - starts[b];
+  }
   const TileFns<T>* fns = tile_fns<T>(hd);
   const auto tiles = head_tiles(s.G, fns ? std::clamp<int64_t>(kAccRegs / (hd / kW), 1, kMaxTile) : s.G);
   const float* pq = q.data_ptr<float>();
@@ -444,7 +359,7 @@ void run(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64
   {
     int64_t acc_cost = 0, part = 1;
     for (int64_t b = 0; b < B && part < parts; ++b) {
-      const int64_t c = ends[b] - starts[b] + 1;
+      const int64_t c = ends[rows[b]] - starts[rows[b]] + 1;
       for (int64_t g = 0; g < nkv && part < parts; ++g) {
         // after this pair the running cost (per kv head) has passed part / parts of the total: cut behind it
         acc_cost += c;
@@ -463,7 +378,7 @@ void run(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64
       float* acc = scores + max_heads * max_n;
       float* sums = acc + max_heads * hd;
       for (int64_t i = i0; i < i1;) {
-        const int64_t b = i / nkv, g0 = i % nkv;
+        const int64_t b = rows[i / nkv], g0 = i % nkv;
         const int64_t g1 = std::min(nkv, g0 + (i1 - i));
         const int64_t head0 = b * nh + g0 * s.G;  // first query head of the piece, as a row of q / out
         const Work<T> w{pq + head0 * hd, pk + g0 * hd, pv + g0 * hd, pt + b * max_blocks, starts[b], ends[b], g1 - g0,
@@ -515,7 +430,6 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Te
 
   // Each sequence's window, and the table entries it covers, checked before any pool row is read.
   std::vector<int64_t> starts(B), ends(B);
-  int64_t max_n = 0, total_n = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = pl[b];
     TORCH_CHECK(len >= 0 && len <= max_blocks * bs, kName, "seq_lens[", b, "] = ", len, " is outside [0, ",
@@ -530,19 +444,41 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Te
                     " is not a block of the pool (num_blocks ", num_blocks, ")");
       }
     }
-    max_n = std::max(max_n, len - start);
-    total_n += len - start;
   }
 
   at::Tensor out = at::empty({B, nh, hd}, q.options());
   if (B == 0 || nh == 0) return out;
   const Shapes s{nh / nkv, hd, bs, nkv * hd, static_cast<float>(scale)};
+  // Rows of prompt-chunk segments go to run_chunks, the others (decode rows, short chunks) to run.
+  std::vector<int64_t> rows;
+#if defined(CPU_CAPABILITY_AVX512)
+  const std::vector<Segment> segs =
+      hd % kLanes == 0 ? find_segments(pt, max_blocks, bs, B, starts, ends) : std::vector<Segment>{};
+  for (size_t i = 0, b = 0; b < static_cast<size_t>(B); ++b) {
+    if (i < segs.size() && static_cast<int64_t>(b) >= segs[i].b0) {
+      b = segs[i].b0 + segs[i].rows - 1;  // skip the segment
+      ++i;
+      continue;
+    }
+    rows.push_back(static_cast<int64_t>(b));
+  }
+#else
+  for (int64_t b = 0; b < B; ++b) rows.push_back(b);
+#endif
   if (k_pool.scalar_type() == at::kBFloat16) {
-    run(q, k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), pt, max_blocks, starts, ends, max_n,
-        total_n, nkv, s, out);
+    const auto* pk = k_pool.data_ptr<at::BFloat16>();
+    const auto* pv = v_pool.data_ptr<at::BFloat16>();
+    run(q, pk, pv, pt, max_blocks, rows, starts, ends, nkv, s, out);
+#if defined(CPU_CAPABILITY_AVX512)
+    if (!segs.empty()) run_chunks(q, pk, pv, pt, max_blocks, segs, ends, nkv, s, out);
+#endif
   } else {
-    run(q, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), pt, max_blocks, starts, ends, max_n, total_n, nkv, s,
-        out);
+    const float* pk = k_pool.data_ptr<float>();
+    const float* pv = v_pool.data_ptr<float>();
+    run(q, pk, pv, pt, max_blocks, rows, starts, ends, nkv, s, out);
+#if defined(CPU_CAPABILITY_AVX512)
+    if (!segs.empty()) run_chunks(q, pk, pv, pt, max_blocks, segs, ends, nkv, s, out);
+#endif
   }
   return out;
 }
