@@ -61,10 +61,11 @@ bench-prune: setup
 
 # Serving under load (~10 min): rapidlm serve vs llama-cpp-python's server on the same GGUF, 2 threads each, at
 # 1/4/16/32 concurrent streams, plus the shared-system-prompt run. Needs a quiet machine: the client shares it.
+# rapidlm runs a throughput configuration: up to 32 running requests, 512-token steps (docs/serving.md).
 bench-serve: setup bench-setup
 	$(BENCH_VENV)/bin/pip install -q fastapi uvicorn pydantic-settings sse-starlette 'starlette-context>=0.3.6,<0.4' PyYAML
 	$(BIN)/python benchmarks/serve.py --threads 2 --llama-cpp-python $(BENCH_VENV)/bin/python \
-		--rapidlm-args "--max-running 32" --write docs/benchmarks.md --json .bench-work/serve.json
+		--rapidlm-args "--max-running 32 --max-batched-tokens 512" --write docs/benchmarks.md --json .bench-work/serve.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

@@ -303,7 +303,12 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
     )
-    given = {"max_running": args.max_running, "max_queued": args.max_queued, "kv_blocks": args.kv_blocks}
+    given = {
+        "max_running": args.max_running,
+        "max_queued": args.max_queued,
+        "kv_blocks": args.kv_blocks,
+        "max_batched_tokens": args.max_batched_tokens,
+    }
     engine_config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
     llm = _load(args)
     return serve(llm, args.served_model_name or args.model, config, engine_config)
@@ -434,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=int, default=None, help="requests generating at once (engine default)")
     srv.add_argument("--max-queued", type=int, default=None, help="requests waiting; beyond them: 429")
     srv.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
+    srv.add_argument("--max-batched-tokens", type=int, default=None,
+                     help="tokens per engine step, decode tokens plus prompt chunks (engine default: 256)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests finish")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
     srv.add_argument("--log-level", default="info", help="uvicorn log level (default: %(default)s)")

@@ -18,6 +18,7 @@ from rapidlm.cli import main
         (["--drain-timeout", "-1"], "ServerConfig.drain_timeout"),
         (["--max-running", "0"], "max_running"),
         (["--kv-blocks", "0"], "EngineConfig.kv_blocks"),
+        (["--max-batched-tokens", "8"], "max_batched_tokens"),
     ],
 )
 def test_bad_settings_fail_before_loading(argv, message, capsys):
