@@ -62,7 +62,6 @@ struct Work {
   float* out;          // the task's output rows, like q
 };
 
-
 // ---------------------------------------------------------------------------------------------------------------
 // Register-tiled kernels: hd = NV * kW, GT query heads at a time.
 
@@ -323,7 +322,6 @@ void attend(const Work<T>& w, const Shapes& s, const TileFns<T>* fns, const std:
   }
 }
 
-
 // The parallel loop of `decode` for pools of element type T, after every check.
 //
 // Work is split over the B * nkv (sequence, kv head) pairs, b-major, into one contiguous range per thread of about
@@ -450,35 +448,24 @@ at::Tensor decode(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Te
   if (B == 0 || nh == 0) return out;
   const Shapes s{nh / nkv, hd, bs, nkv * hd, static_cast<float>(scale)};
   // Rows of prompt-chunk segments go to run_chunks, the others (decode rows, short chunks) to run.
-  std::vector<int64_t> rows;
-#if defined(CPU_CAPABILITY_AVX512)
   const std::vector<Segment> segs =
-      hd % kLanes == 0 ? find_segments(pt, max_blocks, bs, B, starts, ends) : std::vector<Segment>{};
-  for (size_t i = 0, b = 0; b < static_cast<size_t>(B); ++b) {
-    if (i < segs.size() && static_cast<int64_t>(b) >= segs[i].b0) {
-      b = segs[i].b0 + segs[i].rows - 1;  // skip the segment
-      ++i;
+      chunk_path_supports(hd) ? find_segments(pt, max_blocks, bs, B, starts, ends) : std::vector<Segment>{};
+  std::vector<int64_t> rows;
+  for (int64_t b = 0, i = 0; b < B; ++b) {
+    if (i < static_cast<int64_t>(segs.size()) && b == segs[i].b0) {
+      b += segs[i++].rows - 1;  // the whole segment goes to run_chunks
       continue;
     }
-    rows.push_back(static_cast<int64_t>(b));
+    rows.push_back(b);
   }
-#else
-  for (int64_t b = 0; b < B; ++b) rows.push_back(b);
-#endif
+  const auto run_all = [&](const auto* pk, const auto* pv) {
+    run(q, pk, pv, pt, max_blocks, rows, starts, ends, nkv, s, out);
+    run_chunks(q, pk, pv, pt, max_blocks, segs, ends, nkv, s, out);
+  };
   if (k_pool.scalar_type() == at::kBFloat16) {
-    const auto* pk = k_pool.data_ptr<at::BFloat16>();
-    const auto* pv = v_pool.data_ptr<at::BFloat16>();
-    run(q, pk, pv, pt, max_blocks, rows, starts, ends, nkv, s, out);
-#if defined(CPU_CAPABILITY_AVX512)
-    if (!segs.empty()) run_chunks(q, pk, pv, pt, max_blocks, segs, ends, nkv, s, out);
-#endif
+    run_all(k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>());
   } else {
-    const float* pk = k_pool.data_ptr<float>();
-    const float* pv = v_pool.data_ptr<float>();
-    run(q, pk, pv, pt, max_blocks, rows, starts, ends, nkv, s, out);
-#if defined(CPU_CAPABILITY_AVX512)
-    if (!segs.empty()) run_chunks(q, pk, pv, pt, max_blocks, segs, ends, nkv, s, out);
-#endif
+    run_all(k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
   }
   return out;
 }

@@ -28,7 +28,6 @@ namespace {
 // 8.3 -> 4.8 (~170 GFLOP/s, near the fp32 FMA peak); 32 tokens at 500: 0.55 -> 0.28; 16 at 500: 0.21 -> 0.14;
 // 12 at 50: 0.022 -> 0.021. Below 12 rows the part-empty tiles lose: 6 at 500: 0.086 -> 0.110.
 
-#if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kChunkMinRows = 12;
 constexpr int64_t kLanes = 16;
 
@@ -36,6 +35,35 @@ struct Segment {
   int64_t b0, rows;  // rows b0 .. b0 + rows - 1; row b0 + t attends to positions [0, ends[b0] + t)
 };
 
+// The tiles need AVX512 (16 fp32 lanes, masks) and a head dim of whole 16-float vectors.
+inline bool chunk_path_supports(int64_t hd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return hd % kLanes == 0;
+#else
+  (void)hd;
+  return false;
+#endif
+}
+
+// The segments of rows that run_chunks takes: maximal runs of consecutive rows of one table (the entries they read
+// equal) with window start 0 and lengths rising by 1, of at least kChunkMinRows rows.
+inline std::vector<Segment> find_segments(const int32_t* pt, int64_t max_blocks, int64_t bs, int64_t B,
+                                          const std::vector<int64_t>& starts, const std::vector<int64_t>& ends) {
+  std::vector<Segment> segs;
+  int64_t b0 = 0;
+  for (int64_t b = 1; b <= B; ++b) {
+    const bool joins = b < B && starts[b] == 0 && starts[b - 1] == 0 && ends[b - 1] > 0 && ends[b] == ends[b - 1] + 1 &&
+                       std::equal(pt + b * max_blocks, pt + b * max_blocks + (ends[b] - 1) / bs + 1,
+                                  pt + (b - 1) * max_blocks);
+    if (!joins) {
+      if (b - b0 >= kChunkMinRows) segs.push_back({b0, b - b0});
+      b0 = b;
+    }
+  }
+  return segs;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
 // dst rows [from, to) = keys or values of positions [from, to) of one kv head (pool already offset to it) as fp32,
 // and zeros up to the next multiple of kLanes (the scores loop reads 16 keys at a time).
 template <typename T>
@@ -113,32 +141,31 @@ template <typename T>
 void run_chunks(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt, int64_t max_blocks,
                 const std::vector<Segment>& segs, const std::vector<int64_t>& ends, int64_t nkv, const Shapes& s,
                 at::Tensor& out) {
+  if (segs.empty()) return;
   const int64_t nh = q.size(1), hd = q.size(2), G = s.G;
   struct Task {
     int64_t seg, g, first;  // lanes first .. first + 15 of the segment's (row, head) pairs for kv head g
+    int64_t cost;           // ~ the tile's last row's length
   };
   std::vector<Task> tasks;
-  std::vector<int64_t> cost;
   int64_t max_len = 0;
   for (int64_t si = 0; si < static_cast<int64_t>(segs.size()); ++si) {
     const Segment& sg = segs[si];
     const int64_t pairs = sg.rows * G;
     max_len = std::max(max_len, ends[sg.b0] + sg.rows - 1);
     for (int64_t g = 0; g < nkv; ++g)
-      for (int64_t f = 0; f < pairs; f += kLanes) {
-        tasks.push_back({si, g, f});
-        cost.push_back(ends[sg.b0] + std::min(f + kLanes, pairs) / G);  // ~ the tile's last row's length
-      }
+      for (int64_t f = 0; f < pairs; f += kLanes)
+        tasks.push_back({si, g, f, ends[sg.b0] + std::min(f + kLanes, pairs) / G});
   }
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   int64_t total = 0;
-  for (const int64_t c : cost) total += c;
+  for (const Task& t : tasks) total += t.cost;
   const int64_t parts = std::clamp<int64_t>(total * kLanes * 4 * hd / kMinTaskWork, 1,
                                             std::min<int64_t>(at::get_num_threads(), ntasks));
   std::vector<int64_t> cuts(parts + 1, ntasks);
   cuts[0] = 0;
   for (int64_t i = 0, acc = 0, part = 1; i < ntasks && part < parts; ++i) {
-    acc += cost[i];
+    acc += tasks[i].cost;
     while (part < parts && acc * parts >= part * total) cuts[part++] = i + 1;
   }
   const float* pq = q.data_ptr<float>();
@@ -183,23 +210,10 @@ void run_chunks(const at::Tensor& q, const T* pk, const T* pv, const int32_t* pt
   });
 }
 
-// The segments of rows that run_chunks takes: maximal runs of consecutive rows of one table (the entries they read
-// equal) with window start 0 and lengths rising by 1, of at least kChunkMinRows rows.
-std::vector<Segment> find_segments(const int32_t* pt, int64_t max_blocks, int64_t bs, int64_t B,
-                                   const std::vector<int64_t>& starts, const std::vector<int64_t>& ends) {
-  std::vector<Segment> segs;
-  int64_t b0 = 0;
-  for (int64_t b = 1; b <= B; ++b) {
-    const bool joins = b < B && starts[b] == 0 && starts[b - 1] == 0 && ends[b - 1] > 0 && ends[b] == ends[b - 1] + 1 &&
-                       std::equal(pt + b * max_blocks, pt + b * max_blocks + (ends[b] - 1) / bs + 1,
-                                  pt + (b - 1) * max_blocks);
-    if (!joins) {
-      if (b - b0 >= kChunkMinRows) segs.push_back({b0, b - b0});
-      b0 = b;
-    }
-  }
-  return segs;
-}
+#else
+template <typename T>
+void run_chunks(const at::Tensor&, const T*, const T*, const int32_t*, int64_t, const std::vector<Segment>&,
+                const std::vector<int64_t>&, int64_t, const Shapes&, at::Tensor&) {}  // no segments without AVX512
 #endif
 
 }  // namespace
